@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine with only Python: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+DEMO_DIR ?= demo
+
+.PHONY: venv demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*; touch $@
+
+venv: $(STAMP)
+
+# The main job on the bundled sample lifelog: sample -> manifest -> extract -> classify -> finetune -> report.
+demo: $(STAMP)
+	$(BIN)/lifelog-ray sample $(DEMO_DIR)/lifelog
+	$(BIN)/lifelog-ray run --config jobs/configs/sample.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check lifelog_ray tests jobs benchmarks
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q -ra tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/extract.py
+	$(BIN)/python benchmarks/classify.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

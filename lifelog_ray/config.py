@@ -1,0 +1,212 @@
+"""One typed, validated config for every stage: YAML file, then CLI overrides, written beside outputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import LifelogError
+
+PAPER_LAYERS = ("flatten", "fc1", "fc2", "predictions")
+CLASSIFIERS = ("svm", "random_forest", "naive_bayes", "xgboost", "bayesian_ridge")
+
+
+class ConfigError(LifelogError):
+    """A config problem, phrased for the user (names the key and what is wrong)."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo in a YAML file must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    root: str | None = None
+    labels: str | None = None
+    layout: Literal["lsc", "ntcir14", "csv", "folder"] = "lsc"
+    path_column: str = "image_path"
+    label_column: str = "label"
+    # NTCIR-14: `labels` is the minute table; images_csv maps image_id -> image_path.
+    images_csv: str | None = None
+    minute_id_column: str = "minute_ID"
+    image_id_column: str = "image_id"
+    label_source: Literal["minute", "image"] = "minute"
+    taxonomy: str | None = "paper"  # "paper" (bundled), a YAML path, or null for raw labels
+    top_k: int | None = Field(10, ge=1)
+    split: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    seed: int = 0
+    allow_outside_root: bool = False  # paths in a CSV may leave the root only when the user says so
+    encoding: str = "utf-8-sig"  # labels CSV encoding (utf-8, tolerating a BOM)
+    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+
+    @field_validator("split", mode="before")
+    @classmethod
+    def _parse_split(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                v = tuple(float(x) for x in v.split(","))
+            except ValueError as e:
+                raise ValueError(f"split must be three comma-separated fractions, got {v!r}") from e
+        return v
+
+    @field_validator("split")
+    @classmethod
+    def _check_split(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(x < 0 for x in v) or abs(sum(v) - 1.0) > 1e-6 or v[0] <= 0:
+            raise ValueError(f"split fractions must be >= 0, train > 0, and sum to 1, got {v}")
+        return v
+
+
+class ExtractConfig(_Section):
+    models: list[Literal["vgg19", "vgg16"]] = ["vgg19"]
+    layers: list[str] = list(PAPER_LAYERS)
+    weights: str = "imagenet"  # imagenet | none | PATH
+    seed: int = 0  # random init when weights == none
+    image_size: int = Field(224, ge=32)
+    batch_size: int = Field(32, ge=1)
+    precision: Literal["float32", "bfloat16", "float16"] = "float32"
+    num_actors: int | None = Field(None, ge=1)  # None: one per GPU, else one per 2 CPUs
+    cpus_per_actor: float = Field(1.0, gt=0)
+    max_image_pixels: int = Field(89_478_485, ge=1)  # PIL's default decompression-bomb limit
+    unit_size: int = Field(512, ge=1)  # images per resumable unit (a shard per layer)
+    overwrite: bool = False
+
+    @field_validator("layers", "models", mode="before")
+    @classmethod
+    def _csv_list(cls, v: Any) -> Any:
+        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+
+class ClassifyConfig(_Section):
+    models: list[str] | None = None  # None: every model present under features/
+    layers: list[str] | None = None
+    classifiers: list[str] = list(CLASSIFIERS)
+    pca: float | int | None = 0.95  # fraction of variance, a component count, or null (off)
+    pca_solver: Literal["auto", "full", "randomized", "incremental"] = "auto"
+    select_metric: Literal["f1_macro", "accuracy", "precision_macro", "recall_macro", "f1_weighted"] = (
+        "f1_macro"
+    )
+    search_space: str | None = None  # YAML path; None: bundled defaults following the paper
+    refit_on: Literal["train", "train+val"] = "train"
+    cpus_per_trial: float = Field(1.0, gt=0)
+    xgboost_distributed: Literal["auto", "always", "never"] = "auto"
+    xgboost_workers: int = Field(2, ge=1)
+    distributed_min_rows: int = Field(2_000_000, ge=1)
+    seed: int = 0
+
+    @field_validator("models", "layers", "classifiers", mode="before")
+    @classmethod
+    def _csv_list(cls, v: Any) -> Any:
+        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+
+class FinetuneConfig(_Section):
+    models: list[Literal["vgg19", "vgg16"]] = ["vgg19"]
+    methods: list[Literal["m1", "m2", "m3"]] = ["m1", "m2", "m3"]
+    weights: str = "imagenet"
+    seed: int = 0
+    image_size: int = Field(224, ge=32)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    learning_rate: float = Field(1e-4, gt=0)
+    momentum: float = Field(0.0, ge=0)
+    m2_trainable_layers: int = Field(8, ge=1)
+    m3_units: int = Field(1024, ge=1)
+    early_stopping_metric: str = "val_loss"
+    patience: int = Field(3, ge=1)
+    workers: int = Field(1, ge=1)
+    gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: float = Field(1, gt=0)
+    max_failures: int = Field(2, ge=0)
+
+    @field_validator("models", "methods", mode="before")
+    @classmethod
+    def _csv_list(cls, v: Any) -> Any:
+        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+
+class RayConfig(_Section):
+    address: str | None = None  # None: RAY_ADDRESS, a running local cluster, else a new local Ray
+    num_cpus: int | None = None  # only for a new local Ray
+    num_gpus: int | None = None
+    progress_bars: bool = True
+
+
+class OutputConfig(_Section):
+    study: str | None = None  # the study directory
+
+
+class StudyConfig(_Section):
+    data: DataConfig = DataConfig()
+    extract: ExtractConfig = ExtractConfig()
+    classify: ClassifyConfig = ClassifyConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    ray: RayConfig = RayConfig()
+    output: OutputConfig = OutputConfig()
+
+    @property
+    def study_dir(self) -> Path:
+        if not self.output.study:
+            raise ConfigError("output.study: no study directory given (use --study DIR)")
+        return Path(self.output.study)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """Read YAML (if any), apply dotted-key overrides (`data.top_k`), validate."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file not found: {path}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: cannot override inside a non-mapping")
+        node[parts[-1]] = value
+        source = f"{source} + CLI"
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def config_to_yaml(cfg: StudyConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def write_resolved(cfg: StudyConfig, directory: str | os.PathLike, name: str = "config.yaml") -> Path:
+    """Write the resolved config beside a stage's outputs, so any result can be reproduced."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    out = d / name
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(config_to_yaml(cfg), encoding="utf-8")
+    os.replace(tmp, out)
+    return out

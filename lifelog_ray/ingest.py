@@ -1,0 +1,392 @@
+"""Ingest: a lifelog on disk (LSC, NTCIR-14, CSV or ImageFolder) -> the study manifest, rejects and Table 2."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import DataConfig, StudyConfig, write_resolved
+from .errors import LifelogError
+from .io import atomic_write_df, atomic_write_text, normalize_rejects, replace_stage_rejects
+from .taxonomy import Taxonomy
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+MANIFEST_COLUMNS = ["image_id", "path", "rel_path", "raw_label", "label", "split", "timestamp", "day"]
+_TIME_IN_NAME = re.compile(r"(?<!\d)(\d{8})_(\d{6})(?!\d)")
+_DAY_FOLDER = re.compile(r"^(\d{4})[-_](\d{2})[-_](\d{2})$")
+_MISSING = {"", "null", "none", "nan", "na", "n/a"}
+
+
+class IngestError(LifelogError):
+    """Input that cannot be read at all (a bad CSV, an empty dataset): names the file and the fix."""
+
+
+@dataclass
+class IngestResult:
+    manifest: pd.DataFrame
+    rejects: pd.DataFrame
+    categories: pd.DataFrame
+    input_rows: int
+    study: Path
+    kept_splits: int = 0  # images whose split came from an earlier manifest
+    notes: list[str] = field(default_factory=list)
+
+    def accounting(self) -> str:
+        by_reason = self.rejects["reason"].value_counts().sort_index()
+        parts = ", ".join(f"{r}={n}" for r, n in by_reason.items()) or "none"
+        return (
+            f"input rows: {self.input_rows} = manifest {len(self.manifest)} + rejects {len(self.rejects)} "
+            f"({parts}); splits kept from earlier manifest: {self.kept_splits}"
+        )
+
+
+# ---------------------------------------------------------------- reading the layouts
+
+
+def _read_csv(path: str | os.PathLike, encoding: str, required: list[str]) -> pd.DataFrame:
+    p = Path(path)
+    if not p.exists():
+        raise IngestError(f"{p}: file not found")
+    try:
+        df = pd.read_csv(p, dtype=str, keep_default_na=False, encoding=encoding, skipinitialspace=False)
+    except UnicodeDecodeError as e:
+        raise IngestError(
+            f"{p}: not valid {encoding} text ({e.reason} at byte {e.start}); re-save it as UTF-8 "
+            f"or pass its encoding in the config (data.encoding, e.g. latin-1)"
+        ) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise IngestError(f"{p}: not a readable CSV ({e})") from None
+    df.columns = [c.strip() for c in df.columns]  # NTCIR-14 has ' scan_glucose (mmol/L)'
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise IngestError(
+            f"{p}: missing column(s) {missing}; found {list(df.columns)}. "
+            f"Set the column names in the config (data.path_column / data.label_column / ...)"
+        )
+    return df
+
+
+def _is_missing(v: object) -> bool:
+    return v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip().lower() in _MISSING
+
+
+def _scan_images(root: Path, extensions: tuple[str, ...]) -> list[str]:
+    exts = {e.lower() for e in extensions}
+    out = []
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            if os.path.splitext(f)[1].lower() in exts:
+                out.append(Path(dirpath, f).relative_to(root).as_posix())
+    return sorted(out)
+
+
+def read_candidates(data: DataConfig) -> pd.DataFrame:
+    """One row per input row: `row`, `rel_path` (as given), `raw_label`, optional `image_id`."""
+    if not data.root:
+        raise IngestError("data.root: no dataset root given (use --root DIR)")
+    root = Path(data.root)
+    if not root.is_dir():
+        raise IngestError(f"{root}: dataset root is not a directory")
+    enc = data.encoding
+    if data.layout == "folder":
+        rels = _scan_images(root, data.extensions)
+        rows = [(r, r.split("/")[0]) for r in rels if "/" in r]
+        return pd.DataFrame(
+            {"row": range(len(rows)), "rel_path": [r for r, _ in rows], "raw_label": [lab for _, lab in rows]}
+        )
+    if not data.labels:
+        raise IngestError(f"data.labels: layout {data.layout!r} needs a labels CSV (use --labels CSV)")
+    if data.layout in ("lsc", "csv"):
+        path_col = data.path_column
+        if data.layout == "csv":
+            head = _read_csv(data.labels, enc, [])
+            if path_col not in head.columns and "path" in head.columns:
+                path_col = "path"
+        df = _read_csv(data.labels, enc, [path_col, data.label_column])
+        out = pd.DataFrame(
+            {"row": range(len(df)), "rel_path": df[path_col].str.strip(), "raw_label": df[data.label_column]}
+        )
+        if data.layout == "lsc":
+            # Images on disk that no CSV row names are unlabeled: report them rather than drop them silently.
+            listed = {os.path.normpath(p) for p in out["rel_path"]}
+            extra = [r for r in _scan_images(root, data.extensions) if os.path.normpath(r) not in listed]
+            if extra:
+                out = pd.concat(
+                    [out, pd.DataFrame({"row": pd.NA, "rel_path": extra, "raw_label": None})], ignore_index=True
+                )
+        return out
+    # NTCIR-14: minute table (labels) x per-image CSV (images_csv).
+    if not data.images_csv:
+        raise IngestError("data.images_csv: layout 'ntcir14' needs the per-image CSV (image_id, image_path)")
+    minutes = _read_csv(data.labels, enc, [data.minute_id_column])
+    img_cols = [c for c in minutes.columns if re.fullmatch(r"img\d+_id", c)]
+    if not img_cols:
+        raise IngestError(f"{data.labels}: no imgNN_id columns; is this an NTCIR-14 minute-based table?")
+    need = [data.image_id_column, data.path_column]
+    if data.label_source == "image":
+        need.append(data.label_column)
+    elif data.label_column not in minutes.columns:
+        raise IngestError(f"{data.labels}: missing label column {data.label_column!r} (data.label_column)")
+    images = _read_csv(data.images_csv, enc, need)
+    long = minutes.melt(id_vars=[data.minute_id_column], value_vars=img_cols, value_name="image_id")
+    long = long[~long["image_id"].map(_is_missing)]
+    labels_by_image: dict[str, str] = {}
+    if data.label_source == "minute":
+        lab = minutes.set_index(data.minute_id_column)[data.label_column]
+        for mid, iid in zip(long[data.minute_id_column], long["image_id"]):
+            labels_by_image.setdefault(iid.strip(), lab.get(mid))
+    else:
+        labels_by_image = dict(zip(images[data.image_id_column].str.strip(), images[data.label_column]))
+    ids = images[data.image_id_column].str.strip()
+    return pd.DataFrame(
+        {
+            "row": range(len(images)),
+            "rel_path": images[data.path_column].str.strip(),
+            "raw_label": [labels_by_image.get(i) for i in ids],
+            "image_id": ids,
+        }
+    )
+
+
+# ---------------------------------------------------------------- timestamps
+
+
+def timestamp_from_name(name: str) -> datetime | None:
+    m = _TIME_IN_NAME.search(Path(name).name)
+    if not m:
+        return None
+    try:
+        return datetime.strptime(m.group(1) + m.group(2), "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
+
+
+def timestamp_from_exif(path: Path) -> datetime | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            exif = im.getexif()
+            value = exif.get_ifd(0x8769).get(36867) or exif.get(306)  # DateTimeOriginal, else DateTime
+    except Exception:  # noqa: BLE001 - an unreadable file has no timestamp; extract will reject it
+        return None
+    if not value:
+        return None
+    try:
+        return datetime.strptime(str(value).strip("\x00 "), "%Y:%m:%d %H:%M:%S")
+    except ValueError:
+        return None
+
+
+def day_of(ts: datetime | None, rel_path: str) -> str:
+    if ts is not None:
+        return ts.strftime("%Y-%m-%d")
+    for part in reversed(Path(rel_path).parts[:-1]):
+        m = _DAY_FOLDER.match(part)
+        if m:
+            return "-".join(m.groups())
+    return "unknown"
+
+
+# ---------------------------------------------------------------- split
+
+
+def largest_remainder(n: int, fractions: tuple[float, ...]) -> list[int]:
+    """Integer counts summing to n, each within 1 of n * fraction."""
+    exact = [n * f for f in fractions]
+    counts = [int(np.floor(x)) for x in exact]
+    order = sorted(range(len(fractions)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def assign_splits(
+    df: pd.DataFrame, fractions: tuple[float, float, float], seed: int, existing: dict[str, str] | None = None
+) -> pd.Series:
+    """Stratified split per label. Images in `existing` keep their split; new ones fill each split's deficit."""
+    existing = existing or {}
+    result = pd.Series(index=df.index, dtype=object)
+    for label, group in df.groupby("label", sort=True):
+        ids = group["image_id"]
+        kept = ids.map(existing)
+        result.loc[kept.dropna().index] = kept.dropna()
+        targets = largest_remainder(len(group), fractions)
+        have = [int((kept == s).sum()) for s in SPLITS]
+        new_idx = group.index[kept.isna().to_numpy()]
+        if len(new_idx) == 0:
+            continue
+        # Order new images reproducibly: sort by id, then a permutation seeded by (seed, label).
+        new_idx = new_idx[np.argsort(ids.loc[new_idx].to_numpy(), kind="stable")]
+        rng = np.random.default_rng([seed, zlib.crc32(str(label).encode())])
+        new_idx = new_idx[rng.permutation(len(new_idx))]
+        deficit = [max(0, t - h) for t, h in zip(targets, have)]
+        if sum(deficit) < len(new_idx):  # earlier splits over target: spread the rest by the fractions
+            extra = largest_remainder(len(new_idx) - sum(deficit), fractions)
+            deficit = [d + e for d, e in zip(deficit, extra)]
+        labels_for_new: list[str] = []
+        for s, d in zip(SPLITS, deficit):
+            labels_for_new += [s] * d
+        result.loc[new_idx] = labels_for_new[: len(new_idx)]
+    return result
+
+
+# ---------------------------------------------------------------- the manifest
+
+
+def _derive_image_id(rel: str, layout: str) -> str:
+    p = Path(rel)
+    if layout == "lsc" and _TIME_IN_NAME.search(p.name):
+        # LSC ids are the file stem; an NTCIR-13 user prefix (u1/...) is kept to stay unique across users.
+        user = [x for x in p.parts[:-1] if re.fullmatch(r"u\d+", x)]
+        return "_".join([*user, p.stem])
+    return p.with_suffix("").as_posix().replace("/", "__")
+
+
+def _resolve(root: Path, rel: str, allow_outside: bool) -> tuple[Path | None, str | None, str | None]:
+    """Return (resolved path, reject reason, detail)."""
+    if _is_missing(rel):
+        return None, "missing_path", "empty path in the labels file"
+    p = Path(rel)
+    if p.is_absolute() and not allow_outside:
+        return None, "path_outside_root", f"absolute path {rel!r} (set data.allow_outside_root to allow)"
+    full = (p if p.is_absolute() else root / p).resolve()
+    root_r = root.resolve()
+    if not allow_outside and full != root_r and root_r not in full.parents:
+        return None, "path_outside_root", f"{rel!r} resolves outside the dataset root (symlink or '..')"
+    if not full.is_file():
+        return None, "missing_file", f"{rel!r} does not exist"
+    return full, None, None
+
+
+def build_manifest(cfg: StudyConfig) -> IngestResult:
+    data = cfg.data
+    study = cfg.study_dir
+    taxonomy = Taxonomy.load(data.taxonomy)
+    cands = read_candidates(data)
+    if len(cands) == 0:
+        raise IngestError(f"{data.labels or data.root}: the dataset is empty (no input rows)")
+    root = Path(data.root)
+    rejects: list[dict] = []
+
+    def reject(r: pd.Series, reason: str, detail: str, image_id: str | None = None) -> None:
+        rejects.append(
+            {"image_id": image_id, "path": r["rel_path"], "row": r["row"], "reason": reason, "detail": detail}
+        )
+
+    rows: list[dict] = []
+    seen_paths: dict[Path, object] = {}
+    seen_ids: dict[str, object] = {}
+    exts = {e.lower() for e in data.extensions}
+    for _, r in cands.iterrows():
+        rel = r["rel_path"]
+        full, reason, detail = _resolve(root, rel, data.allow_outside_root)
+        if reason:
+            reject(r, reason, detail)
+            continue
+        if full.suffix.lower() not in exts:
+            reject(r, "unsupported_extension", f"{full.suffix!r} is not one of {sorted(exts)}")
+            continue
+        image_id = r.get("image_id") if "image_id" in r and not _is_missing(r.get("image_id")) else None
+        image_id = image_id or _derive_image_id(rel, data.layout)
+        if _is_missing(r["raw_label"]):
+            reject(r, "unlabeled", "no label for this image", image_id)
+            continue
+        label = taxonomy.merge(r["raw_label"]) if taxonomy else str(r["raw_label"]).strip()
+        if label is None:
+            reject(r, "label_not_in_taxonomy", f"raw label {r['raw_label']!r} not in {taxonomy.source}", image_id)
+            continue
+        if full in seen_paths:
+            reject(r, "duplicate", f"same file as input row {seen_paths[full]}", image_id)
+            continue
+        if image_id in seen_ids:
+            reject(r, "duplicate", f"image id {image_id!r} already used by input row {seen_ids[image_id]}", image_id)
+            continue
+        seen_paths[full] = r["row"]
+        seen_ids[image_id] = r["row"]
+        rows.append(
+            {
+                "row": r["row"],
+                "image_id": image_id,
+                "path": str(full),
+                "rel_path": Path(rel).as_posix(),
+                "raw_label": str(r["raw_label"]).strip(),
+                "label": label,
+            }
+        )
+    df = pd.DataFrame(rows, columns=["row", "image_id", "path", "rel_path", "raw_label", "label"])
+
+    # Top-k categories by count (ties broken by name for determinism), then drop categories too small to split.
+    counts = df["label"].value_counts()
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    keep = {k for k, _ in ranked[: data.top_k]} if data.top_k else set(counts.index)
+    min_n = sum(1 for f in data.split if f > 0)
+    too_small = {k for k in keep if counts[k] < min_n}
+    for _, r in df[~df["label"].isin(keep)].iterrows():
+        reject(r, "not_in_top_k", f"category {r['label']!r} is not among the top {data.top_k}", r["image_id"])
+    for _, r in df[df["label"].isin(too_small)].iterrows():
+        reject(
+            r, "category_too_small",
+            f"category {r['label']!r} has {counts[r['label']]} image(s); the split needs at least {min_n}",
+            r["image_id"],
+        )
+    df = df[df["label"].isin(keep - too_small)].reset_index(drop=True)
+    rej = normalize_rejects(pd.DataFrame(rejects))
+    rej["stage"] = "ingest"
+    if df.empty:
+        study.mkdir(parents=True, exist_ok=True)
+        replace_stage_rejects(study, "ingest", rej)
+        raise IngestError(
+            f"no images left for the study after ingest (see {study / 'rejects.parquet'}); "
+            f"check data.layout, the label column and the taxonomy"
+        )
+
+    # Timestamps: from the file name (LSC / NTCIR), else EXIF DateTimeOriginal, else none.
+    ts = [timestamp_from_name(p) or timestamp_from_exif(Path(full)) for p, full in zip(df["rel_path"], df["path"])]
+    df["timestamp"] = pd.to_datetime(pd.Series(ts, dtype=object), errors="coerce")
+    df["day"] = [day_of(t, p) for t, p in zip(ts, df["rel_path"])]
+
+    # A grown lifelog keeps every earlier image in its split, so features, models and scores stay valid.
+    existing: dict[str, str] = {}
+    old = study / "manifest.parquet"
+    if old.exists():
+        prev = pd.read_parquet(old, columns=["image_id", "split"])
+        existing = dict(zip(prev["image_id"], prev["split"]))
+    df["split"] = assign_splits(df, data.split, data.seed, existing)
+    kept_splits = int(df["image_id"].isin(existing.keys()).sum())
+
+    df = df.sort_values(["day", "image_id"]).reset_index(drop=True)
+    manifest = df[MANIFEST_COLUMNS].copy()
+    for c in ("image_id", "path", "rel_path", "raw_label", "label", "split", "day"):
+        manifest[c] = manifest[c].astype("string")
+
+    categories = category_table(manifest)
+    study.mkdir(parents=True, exist_ok=True)
+    atomic_write_df(manifest, study / "manifest.parquet")
+    replace_stage_rejects(study, "ingest", rej)
+    atomic_write_text(categories.to_csv(index=False), study / "categories.csv")
+    write_resolved(cfg, study)
+    result = IngestResult(manifest, rej, categories, len(cands), study, kept_splits)
+    assert len(manifest) + len(rej) == len(cands), "ingest accounting broken"
+    log.info(result.accounting())
+    return result
+
+
+def category_table(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The paper's Table 2: images per category and split, largest first."""
+    t = pd.crosstab(manifest["label"], manifest["split"]).reindex(columns=list(SPLITS), fill_value=0)
+    t["total"] = t.sum(axis=1)
+    t = t.sort_values(["total"], ascending=False, kind="stable").reset_index()
+    t = t.rename(columns={"label": "category"})
+    t.columns.name = None
+    return t[["category", "total", *SPLITS]]

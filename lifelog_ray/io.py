@@ -1,0 +1,84 @@
+"""Atomic file writes and the study's rejects table (every input row ends in an output or a reject)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REJECT_COLUMNS = ["image_id", "path", "row", "stage", "reason", "detail"]
+
+
+def atomic_write_table(table: pa.Table, path: str | os.PathLike) -> Path:
+    """Write Parquet to a temp file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_write_df(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    return atomic_write_table(pa.Table.from_pandas(df, preserve_index=False), path)
+
+
+def empty_rejects() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "image_id": pd.Series(dtype="string"),
+            "path": pd.Series(dtype="string"),
+            "row": pd.Series(dtype="Int64"),
+            "stage": pd.Series(dtype="string"),
+            "reason": pd.Series(dtype="string"),
+            "detail": pd.Series(dtype="string"),
+        }
+    )
+
+
+def normalize_rejects(df: pd.DataFrame) -> pd.DataFrame:
+    out = empty_rejects()
+    if df is None or df.empty:
+        return out
+    df = df.copy()
+    for c in REJECT_COLUMNS:
+        if c not in df:
+            df[c] = None
+    df = df[REJECT_COLUMNS]
+    return pd.concat([out, df.astype(out.dtypes.to_dict())], ignore_index=True)
+
+
+def read_rejects(study: str | os.PathLike) -> pd.DataFrame:
+    p = Path(study) / "rejects.parquet"
+    if not p.exists():
+        return empty_rejects()
+    return normalize_rejects(pd.read_parquet(p))
+
+
+def replace_stage_rejects(study: str | os.PathLike, stage: str, rejects: pd.DataFrame) -> Path:
+    """Replace one stage's rows of rejects.parquet (a rerun of a stage must not duplicate its rejects)."""
+    current = read_rejects(study)
+    kept = current[current["stage"] != stage]
+    new = normalize_rejects(rejects)
+    new["stage"] = stage
+    merged = pd.concat([kept, new], ignore_index=True) if len(kept) else new
+    return atomic_write_df(merged, Path(study) / "rejects.parquet")

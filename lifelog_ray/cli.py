@@ -72,6 +72,8 @@ def _add_common(p: argparse.ArgumentParser, study_required: bool = True) -> None
 
 def _add_flags(p: argparse.ArgumentParser, flags: list[Flag]) -> None:
     for flag, key, kw in flags:
+        if kw.get("action") != "store_true":
+            kw = {"metavar": "N" if kw.get("type") in (int, float) else flag.lstrip("-").upper().replace("-", "_"), **kw}
         p.add_argument(flag, dest=key, **kw)
 
 

@@ -71,6 +71,7 @@ class ExtractConfig(_Section):
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
     num_actors: int | None = Field(None, ge=1)  # None: one per GPU, else one per 2 CPUs
     cpus_per_actor: float = Field(1.0, gt=0)
+    jpeg_draft: bool = True  # decode big JPEGs at a reduced DCT scale before the resize (much faster)
     max_image_pixels: int = Field(89_478_485, ge=1)  # PIL's default decompression-bomb limit
     unit_size: int = Field(512, ge=1)  # images per resumable unit (a shard per layer)
     overwrite: bool = False

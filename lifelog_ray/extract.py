@@ -1,0 +1,320 @@
+"""Feature extraction: manifest -> decode tasks -> VGG actor pool (one pass, all taps) -> Parquet shards.
+
+Layout under STUDY/features/<model>/:
+  <layer>/<YYYY-MM>/<unit>_p<part>.parquet   rows: image_id, label, split, day, features (FixedSizeList<f32>)
+  _units/<unit>.json                          written last: marks a unit (<= unit_size images of one day) done,
+                                              lists its part files and its rejects
+  _extract.json                               what the features are (model, weights, size, precision, layers)
+A rerun deletes parts no marker lists (an interrupted unit), skips done units, and extracts only new images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from .backbones import BackboneSpec, FeatureExtractor, resolve_weights, tap_widths
+from .config import StudyConfig, write_resolved
+from .errors import LifelogError
+from .images import decode_batch
+from .io import atomic_write_table, atomic_write_text, normalize_rejects, read_rejects, replace_stage_rejects
+
+log = logging.getLogger(__name__)
+
+
+def _hash(ids: list[str], n: int = 10) -> str:
+    return hashlib.sha1("\n".join(ids).encode()).hexdigest()[:n]
+
+
+def feature_schema(width: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("image_id", pa.string()),
+            ("label", pa.string()),
+            ("split", pa.string()),
+            ("day", pa.string()),
+            ("features", pa.list_(pa.float32(), width)),
+        ]
+    )
+
+
+def month_of(day: str) -> str:
+    return day[:7] if len(day) >= 7 and day[4] == "-" else "unknown"
+
+
+class ShardWriter:
+    """Writer stage: one Parquet part per (unit, layer) in the batch; returns a small summary per unit."""
+
+    def __init__(self, model_dir: str, layers: list[str]) -> None:
+        self.model_dir = Path(model_dir)
+        self.layers = layers
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        units = np.asarray(batch["unit"])
+        ok = np.asarray(batch["error"]) == ""
+        out: dict[str, list] = {"unit": [], "part": [], "n_ok": [], "rejects": []}
+        for unit in np.unique(units):
+            sel = units == unit
+            good = sel & ok
+            ids = [str(x) for x in batch["image_id"][good]]
+            part = f"{unit}_p{_hash(ids, 8)}" if ids else ""
+            if ids:
+                day = str(batch["day"][good][0])
+                for layer in self.layers:
+                    feats = np.ascontiguousarray(batch[f"feat__{layer}"][good], dtype=np.float32)
+                    table = pa.table(
+                        {
+                            "image_id": pa.array(ids, pa.string()),
+                            "label": pa.array([str(x) for x in batch["label"][good]], pa.string()),
+                            "split": pa.array([str(x) for x in batch["split"][good]], pa.string()),
+                            "day": pa.array([str(x) for x in batch["day"][good]], pa.string()),
+                            "features": pa.FixedSizeListArray.from_arrays(feats.reshape(-1), feats.shape[1]),
+                        }
+                    )
+                    atomic_write_table(table, self.model_dir / layer / month_of(day) / f"{part}.parquet")
+            bad = sel & ~ok
+            rej = [
+                {"image_id": str(i), "path": str(p), "reason": str(r), "detail": str(d)}
+                for i, p, r, d in zip(
+                    batch["image_id"][bad], batch["path"][bad], batch["error"][bad], batch["error_detail"][bad]
+                )
+            ]
+            out["unit"].append(str(unit))
+            out["part"].append(part)
+            out["n_ok"].append(len(ids))
+            out["rejects"].append(json.dumps(rej))
+        return {k: np.asarray(v) for k, v in out.items()}
+
+
+@dataclass
+class ExtractSummary:
+    model: str
+    output: Path
+    processed: int
+    rejected: int
+    skipped: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.processed + self.rejected) / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (
+            f"extract {self.model}: {self.processed} images processed, {self.rejected} rejected, "
+            f"{self.skipped} already done, {self.images_per_s:.1f} images/s -> {self.output}"
+        )
+
+
+class UnitLedger:
+    """The completion markers of one model's features: what is done, and what is not."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        self.units_dir = model_dir / "_units"
+
+    def markers(self) -> list[dict]:
+        if not self.units_dir.exists():
+            return []
+        return [json.loads(p.read_text("utf-8")) for p in sorted(self.units_dir.glob("*.json"))]
+
+    def done_ids(self) -> set[str]:
+        return {i for m in self.markers() for i in m["image_ids"]}
+
+    def remove_orphans(self, layers: list[str]) -> int:
+        """Delete parts that no marker lists: what an interrupted run left behind."""
+        listed = {p for m in self.markers() for p in m["parts"]}
+        removed = 0
+        for layer in layers:
+            for f in (self.model_dir / layer).glob("*/*.parquet"):
+                if f.stem not in listed:
+                    f.unlink()
+                    removed += 1
+        return removed
+
+    def complete(self, unit: str, day: str, image_ids: list[str], parts: list[str], rejects: list[dict]) -> None:
+        marker = {"unit": unit, "day": day, "image_ids": image_ids, "parts": sorted(p for p in parts if p),
+                  "rejects": rejects, "finished": time.time()}
+        atomic_write_text(json.dumps(marker), self.units_dir / f"{unit}.json")
+
+    def rejects(self) -> pd.DataFrame:
+        rows = [dict(r) for m in self.markers() for r in m["rejects"]]
+        return normalize_rejects(pd.DataFrame(rows))
+
+
+def plan_units(pending: pd.DataFrame, unit_size: int) -> pd.DataFrame:
+    """Group pending images into units: <= unit_size images of one day, named by day and content."""
+    pending = pending.sort_values(["day", "image_id"]).reset_index(drop=True)
+    units = np.empty(len(pending), dtype=object)
+    for _day, idx in pending.groupby("day", sort=True).groups.items():
+        idx = np.asarray(idx)
+        for start in range(0, len(idx), unit_size):
+            chunk = idx[start : start + unit_size]
+            ids = pending.loc[chunk, "image_id"].tolist()
+            units[chunk] = f"{pending.loc[chunk[0], 'day']}_{_hash(ids)}"
+    pending["unit"] = units
+    return pending
+
+
+def _check_signature(model_dir: Path, spec: BackboneSpec) -> None:
+    sig_path = model_dir / "_extract.json"
+    sig = {"model": spec.model, "weights": spec.weights, "image_size": spec.image_size, "seed": spec.seed,
+           "precision": spec.precision}
+    if sig_path.exists():
+        old = json.loads(sig_path.read_text("utf-8"))
+        old_layers = old.pop("layers", [])
+        if old != sig or not set(spec.layers) <= set(old_layers):
+            raise LifelogError(
+                f"{model_dir} holds features made with {old} layers={old_layers}; this run asks for {sig} "
+                f"layers={list(spec.layers)}. Use --overwrite to start over, or another study directory"
+            )
+        return
+    model_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps({**sig, "layers": list(spec.layers)}, indent=1), sig_path)
+
+
+def spec_for(cfg: StudyConfig, model: str) -> BackboneSpec:
+    e = cfg.extract
+    return BackboneSpec(model, tuple(e.layers), e.weights, e.image_size, e.seed, e.precision)
+
+
+def extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | None = None) -> ExtractSummary:
+    """Extract one backbone's taps for every manifest image not done yet."""
+    import ray
+
+    from .runtime import cluster_resources, ensure_ray
+
+    e = cfg.extract
+    study = cfg.study_dir
+    spec = spec_for(cfg, model)
+    model_dir = study / "features" / model
+    if e.overwrite and model_dir.exists():
+        shutil.rmtree(model_dir)
+    manifest = pd.read_parquet(study / "manifest.parquet", columns=["image_id", "path", "label", "split", "day"])
+    _check_signature(model_dir, spec)
+    ledger = UnitLedger(model_dir)
+    removed = ledger.remove_orphans(list(spec.layers))
+    if removed:
+        log.info("removed %d part file(s) of interrupted units", removed)
+    done = ledger.done_ids()
+    pending = manifest[~manifest["image_id"].isin(done)]
+    skipped = len(manifest) - len(pending)
+    t0 = time.perf_counter()
+    n_ok = n_bad = 0
+    if len(pending):
+        if weights is None:
+            weights = resolve_weights(spec)  # before any Ray work: a missing weights file fails here
+        pending = plan_units(pending, e.unit_size)
+        expected = pending.groupby("unit").size().to_dict()
+        unit_rows = {u: g for u, g in pending.groupby("unit")}
+        ensure_ray(cfg.ray)
+        cpus, gpus = cluster_resources()
+        use_gpu = gpus >= 1
+        n_actors = e.num_actors or (int(gpus) if use_gpu else max(1, int(cpus // 2)))
+        weights_ref = ray.put(weights)
+        rows = pending[["image_id", "path", "label", "split", "day", "unit"]].astype(str)
+        # Blocks of a few model batches: decode tasks stream ahead of the model stage without a big backlog.
+        step = 4 * e.batch_size
+        ds = ray.data.from_pandas([rows.iloc[i : i + step] for i in range(0, len(rows), step)])
+        ds = ds.map_batches(
+            decode_batch, fn_kwargs={"size": e.image_size, "max_pixels": e.max_image_pixels, "jpeg_draft": e.jpeg_draft},
+            batch_size=e.batch_size, num_cpus=0.5, batch_format="numpy",
+        )
+        # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a dead actor is replaced
+        # and its batch redone. The writer is idempotent (a part's name is the hash of its image ids).
+        ds = ds.map_batches(
+            FeatureExtractor, fn_constructor_kwargs={"spec": spec, "weights": weights_ref},
+            batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(size=n_actors),
+            num_gpus=1 if use_gpu else 0, num_cpus=e.cpus_per_actor, batch_format="numpy",
+        )
+        ds = ds.map_batches(
+            ShardWriter, fn_constructor_kwargs={"model_dir": str(model_dir), "layers": list(spec.layers)},
+            batch_size=e.unit_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors), num_cpus=0.25,
+            batch_format="numpy",
+        )
+        seen: dict[str, int] = {}
+        parts: dict[str, list[str]] = {}
+        rejects: dict[str, list[dict]] = {}
+        for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+            for row in batch.itertuples(index=False):
+                rej = json.loads(row.rejects)
+                seen[row.unit] = seen.get(row.unit, 0) + int(row.n_ok) + len(rej)
+                parts.setdefault(row.unit, []).append(row.part)
+                rejects.setdefault(row.unit, []).extend(rej)
+                n_ok += int(row.n_ok)
+                n_bad += len(rej)
+                if seen[row.unit] == expected[row.unit]:
+                    g = unit_rows[row.unit]
+                    ledger.complete(row.unit, str(g["day"].iloc[0]), g["image_id"].tolist(), parts[row.unit],
+                                    [{**r, "model": model} for r in rejects[row.unit]])
+        incomplete = [u for u, n in expected.items() if seen.get(u, 0) != n]
+        if incomplete:
+            raise LifelogError(f"extract {model}: {len(incomplete)} unit(s) incomplete; rerun the same command to resume")
+    summary = ExtractSummary(model, model_dir, n_ok, n_bad, skipped, time.perf_counter() - t0)
+    return summary
+
+
+def consolidate_rejects(study: Path, models: list[str]) -> pd.DataFrame:
+    """Study rejects.parquet gets every extract reject (one row per model and image)."""
+    frames = []
+    for m in models:
+        r = UnitLedger(study / "features" / m).rejects()
+        if len(r):
+            r["detail"] = m + ": " + r["detail"].fillna("")
+            frames.append(r)
+    rej = pd.concat(frames, ignore_index=True) if frames else normalize_rejects(pd.DataFrame())
+    replace_stage_rejects(study, "extract", rej)
+    return rej
+
+
+def run_extract(cfg: StudyConfig) -> list[ExtractSummary]:
+    study = cfg.study_dir
+    if not (study / "manifest.parquet").exists():
+        raise LifelogError(f"{study}: no manifest.parquet; run `lifelog-ray manifest --study {study} ...` first")
+    # Resolve every model's weights first: a bad weights spec fails before any Ray work starts.
+    weights = {m: resolve_weights(spec_for(cfg, m)) for m in cfg.extract.models}
+    summaries = [extract_model(cfg, m, weights[m]) for m in cfg.extract.models]
+    consolidate_rejects(study, cfg.extract.models)
+    for m in cfg.extract.models:
+        write_resolved(cfg, study / "features" / m)
+    return summaries
+
+
+def read_features(study: str | os.PathLike, model: str, layer: str, columns: list[str] | None = None) -> pa.Table:
+    """Read one layer's shards with plain pyarrow (no Ray needed)."""
+    import pyarrow.dataset as pads
+
+    d = Path(study) / "features" / model / layer
+    return pads.dataset(str(d), format="parquet").to_table(columns=columns)
+
+
+def accounting(study: str | os.PathLike, model: str, layers: list[str]) -> dict[str, dict[str, int]]:
+    """Per layer: manifest rows, feature rows, extract rejects (manifest = features + rejects when complete)."""
+    study = Path(study)
+    n_manifest = len(pd.read_parquet(study / "manifest.parquet", columns=["image_id"]))
+    rej = read_rejects(study)
+    n_rej = int(((rej["stage"] == "extract") & rej["detail"].str.startswith(model + ":")).sum())
+    out = {}
+    for layer in layers:
+        ids = read_features(study, model, layer, ["image_id"]).column("image_id").to_pylist()
+        out[layer] = {"manifest": n_manifest, "features": len(ids), "unique": len(set(ids)), "rejects": n_rej}
+    return out
+
+
+def describe(summary: ExtractSummary) -> dict:
+    d = asdict(summary)
+    d["output"] = str(summary.output)
+    return d
+
+
+__all__ = ["run_extract", "extract_model", "read_features", "accounting", "tap_widths", "feature_schema"]

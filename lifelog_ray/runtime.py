@@ -1,0 +1,40 @@
+"""Ray at the edge: connect to a cluster (or start a local Ray), and the resources it offers."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .config import RayConfig
+
+log = logging.getLogger(__name__)
+
+# Workers inherit these so TF logs stay quiet and Ray Train's TF path finds tf-keras.
+WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+
+
+def ensure_ray(cfg: RayConfig | None = None) -> None:
+    """Use an initialised Ray as is; else `cfg.address` / RAY_ADDRESS; else a new local Ray."""
+    import ray
+
+    cfg = cfg or RayConfig()
+    if not ray.is_initialized():
+        address = cfg.address or os.environ.get("RAY_ADDRESS")
+        kwargs = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": True}
+        if address:
+            log.info("connecting to Ray at %s", address)
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, **kwargs)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress_bars
+
+
+def cluster_resources() -> tuple[float, float]:
+    """(CPUs, GPUs) the cluster has now."""
+    import ray
+
+    res = ray.cluster_resources()
+    return float(res.get("CPU", 0)), float(res.get("GPU", 0))

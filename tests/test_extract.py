@@ -1,0 +1,213 @@
+"""Feature extraction: Keras-equivalent taps, bad images as rejects, resume, growth, Ray-free readers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from conftest import write_image
+from PIL import Image
+
+from lifelog_ray.backbones import BackboneSpec, WeightsError, resolve_weights
+from lifelog_ray.config import load_config
+from lifelog_ray.errors import LifelogError
+from lifelog_ray.extract import accounting, read_features, run_extract
+from lifelog_ray.images import DecodeError, decode_image
+from lifelog_ray.ingest import build_manifest
+
+SIZE = 32  # the smallest input VGG accepts: keeps the tests fast on 2 cores
+LAYERS = ["flatten", "fc1", "fc2", "predictions"]
+
+
+def make_study(tmp: Path, n_per_class: int = 6, day: str = "2016-08-15", root: Path | None = None, rows=None):
+    root = root or tmp / "lifelog"
+    rows = rows if rows is not None else []
+    colors = {"walking": (30, 160, 40), "car": (40, 40, 40), "eating food": (200, 150, 90)}
+    sec = len(rows) * 30
+    for label, color in colors.items():
+        for _ in range(n_per_class):
+            sec += 30
+            rel = f"{day}/{day.replace('-', '')}_{8 + sec // 3600:02d}{(sec // 60) % 60:02d}{sec % 60:02d}_000.png"
+            write_image(root / rel, color)
+            rows.append((rel, label))
+    pd.DataFrame(rows, columns=["image_path", "label"]).to_csv(tmp / "labels.csv", index=False)
+    return root, rows
+
+
+def cfg(tmp: Path, root: Path, **extract):
+    over = {"data.root": str(root), "data.labels": str(tmp / "labels.csv"), "output.study": str(tmp / "study"),
+            "extract.weights": "none", "extract.image_size": SIZE, "extract.batch_size": 8,
+            "extract.unit_size": 8, "ray.progress_bars": False}
+    over.update({f"extract.{k}": v for k, v in extract.items()})
+    return load_config(None, over)
+
+
+def test_features_equal_keras_predict_for_every_tap(tmp_path, ray_local):
+    """Both weight formats a user may hold: Keras 3 `.weights.h5` and the official legacy HDF5 layout."""
+    import keras
+    from keras.src.legacy.saving import legacy_h5_format
+
+    root, _ = make_study(tmp_path, n_per_class=4)
+    keras.utils.set_random_seed(7)
+    ref = keras.applications.VGG19(weights=None, input_shape=(SIZE, SIZE, 3))
+    native = tmp_path / "vgg19.weights.h5"
+    ref.save_weights(native)
+    import h5py
+
+    official = tmp_path / "vgg19_weights_tf_dim_ordering_tf_kernels.h5"
+    with h5py.File(official, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, ref)
+    build_manifest(cfg(tmp_path, root))
+    manifest = pd.read_parquet(tmp_path / "study" / "manifest.parquet")
+    taps = keras.Model(ref.inputs, [ref.get_layer(n).output for n in LAYERS])
+    imgs = np.stack([
+        keras.utils.img_to_array(keras.utils.load_img(p, target_size=(SIZE, SIZE), interpolation="bilinear"))
+        for p in manifest["path"]
+    ])
+    expected = dict(zip(LAYERS, taps.predict(keras.applications.vgg19.preprocess_input(imgs), verbose=0)))
+    for weights in (native, official):
+        run_extract(cfg(tmp_path, root, weights=str(weights), overwrite=True))
+        for layer in LAYERS:
+            t = read_features(tmp_path / "study", "vgg19", layer).to_pandas().set_index("image_id")
+            got = np.stack(t.loc[manifest["image_id"], "features"].to_numpy())
+            assert got.shape == expected[layer].shape
+            np.testing.assert_allclose(got, expected[layer], rtol=1e-4, atol=1e-5 * np.abs(expected[layer]).max())
+
+
+def bad_corpus(root: Path) -> list[tuple[str, str, str | None]]:
+    """(relative path, label, expected reject reason or None when it must be processed)."""
+    d = root / "2016-08-16"
+    d.mkdir(parents=True, exist_ok=True)
+    base = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    out = []
+
+    def add(name, writer, reason):
+        writer(d / name)
+        out.append((f"2016-08-16/{name}", "walking", reason))
+
+    add("20160816_100000_000.jpg", lambda p: p.write_bytes(b""), "empty_file")
+    Image.fromarray(base).save(d / "full.jpg")
+    add("20160816_100010_000.jpg", lambda p: p.write_bytes((d / "full.jpg").read_bytes()[:300]), "truncated")
+    (d / "full.jpg").unlink()
+    add("20160816_100020_000.jpg", lambda p: p.write_text("not an image"), "not_an_image")
+    add("20160816_100030_000.png", lambda p: Image.new("RGB", (300, 300)).save(p), "decompression_bomb")
+    add("20160816_100040_000.jpg", lambda p: Image.fromarray(base[..., 0]).save(p), None)  # grayscale
+    add("20160816_100050_000.png", lambda p: Image.fromarray(base).convert("P").save(p), None)  # palette
+    add("20160816_100100_000.png", lambda p: Image.fromarray(base).convert("RGBA").save(p), None)
+    add("20160816_100110_000.jpg", lambda p: Image.fromarray(base).convert("CMYK").save(p), None)
+    add("20160816_100120_000.png",
+        lambda p: Image.fromarray(base[..., 0].astype(np.uint16) * 257).save(p), None)  # 16-bit
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90
+    add("20160816_100130_000.jpg", lambda p: Image.fromarray(base).save(p, exif=exif.tobytes()), None)
+    add("20160816_100140_000.tif", lambda p: Image.fromarray(base).save(
+        p, save_all=True, append_images=[Image.fromarray(base[::-1])]), None)  # multi-page TIFF
+    return out
+
+
+def test_decode_handles_modes_and_orientation():
+    import io
+
+    arr = np.zeros((20, 40, 3), dtype=np.uint8)
+    arr[:, :20] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG", exif=exif.tobytes())
+    out = decode_image(buf.getvalue(), 32, 10**8)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    assert out[:8].mean() > 200 and out[-8:].mean() < 50  # rotated: the white half is now on top
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(buf, "PNG")
+    assert decode_image(buf.getvalue(), 32, 10**8).min() == 255  # 16-bit white stays white
+    with pytest.raises(DecodeError) as e:
+        decode_image(b"\x89PNG\r\n\x1a\n" + b"0" * 50, 32, 10**8)
+    assert e.value.reason in ("not_an_image", "truncated", "unreadable")
+
+
+def test_bad_images_become_rejects_and_accounting_holds(tmp_path, ray_local):
+    root, rows = make_study(tmp_path, n_per_class=3)
+    corpus = bad_corpus(root)
+    rows += [(p, lab) for p, lab, _ in corpus]
+    pd.DataFrame(rows, columns=["image_path", "label"]).to_csv(tmp_path / "labels.csv", index=False)
+    c = cfg(tmp_path, root, max_image_pixels=40_000)  # 300x300 = 90,000 px: over twice the limit
+    build_manifest(c)
+    (summary,) = run_extract(c)
+    want = {Path(p).stem: r for p, _, r in corpus}
+    rejects = pd.read_parquet(tmp_path / "study" / "rejects.parquet")
+    ext = rejects[rejects["stage"] == "extract"].set_index("image_id")
+    for stem, reason in want.items():
+        if reason:
+            assert ext.loc[stem, "reason"] == reason, (stem, ext.loc[stem].to_dict())
+        else:
+            assert stem not in ext.index
+    assert summary.rejected == 4 and summary.processed == len(rows) - 4
+    for layer, a in accounting(tmp_path / "study", "vgg19", LAYERS).items():
+        assert a["manifest"] == a["features"] + a["rejects"], layer
+        assert a["features"] == a["unique"]
+
+
+def test_resume_growth_and_readers_without_ray(tmp_path, ray_local):
+    root, rows = make_study(tmp_path, n_per_class=6)
+    c = cfg(tmp_path, root, layers="fc2,predictions")
+    build_manifest(c)
+    (first,) = run_extract(c)
+    assert first.processed == 18
+    model_dir = tmp_path / "study" / "features" / "vgg19"
+    # Simulate an interruption: one unit's marker never written, its parts half there.
+    markers = sorted((model_dir / "_units").glob("*.json"))
+    lost = json.loads(markers[0].read_text())
+    markers[0].unlink()
+    (again,) = run_extract(c)
+    assert again.processed == len(lost["image_ids"]) and again.skipped == 18 - len(lost["image_ids"])
+    # The lifelog grows by a day: only the new images are extracted.
+    make_study(tmp_path, n_per_class=2, day="2016-08-17", root=root, rows=rows)
+    build_manifest(c)
+    (grown,) = run_extract(c)
+    assert grown.processed == 6 and grown.skipped == 18
+    for layer in ("fc2", "predictions"):
+        ids = read_features(tmp_path / "study", "vgg19", layer, ["image_id"]).column("image_id").to_pylist()
+        assert len(ids) == len(set(ids)) == 24
+    # Plain pyarrow / pandas / DuckDB read the shards; month folders keep a multi-year lifelog tidy.
+    t = pq.read_table(model_dir / "fc2")
+    assert t.schema.field("features").type.list_size == 4096
+    assert {p.name for p in (model_dir / "fc2").iterdir()} == {"2016-08"}
+    df = pd.read_parquet(model_dir / "predictions")
+    assert set(df.columns) >= {"image_id", "label", "split", "day", "features"} and len(df) == 24
+    import duckdb
+
+    n = duckdb.sql(f"select count(*) from read_parquet('{model_dir}/fc2/*/*.parquet')").fetchall()[0][0]
+    assert n == 24
+    # Asking for other taps than the folder holds is a clear error, not a silent mix.
+    with pytest.raises(LifelogError, match="--overwrite"):
+        run_extract(cfg(tmp_path, root, layers="fc1"))
+    shutil.rmtree(tmp_path / "study" / "features")
+
+
+def test_weights_errors_are_immediate_and_helpful(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty_keras_home"))
+    import lifelog_ray.backbones as bb
+
+    real = bb._build_base
+
+    def offline(keras, spec, weights=None):  # what Keras does without network: the download raises
+        if weights == "imagenet":
+            raise OSError("URL fetch failure: no network")
+        return real(keras, spec, weights)
+
+    monkeypatch.setattr(bb, "_build_base", offline)
+    with pytest.raises(WeightsError, match=r"--weights PATH"):
+        resolve_weights(BackboneSpec("vgg19", weights="imagenet", image_size=224))
+    with pytest.raises(WeightsError, match="not found"):
+        resolve_weights(BackboneSpec("vgg19", weights=str(tmp_path / "nope.h5"), image_size=SIZE))
+    bad = tmp_path / "bad.weights.h5"
+    bad.write_bytes(b"not hdf5")
+    with pytest.raises(WeightsError, match="does not fit"):
+        resolve_weights(BackboneSpec("vgg19", weights=str(bad), image_size=SIZE))
+    with pytest.raises(LifelogError, match="224"):
+        BackboneSpec("vgg19", weights="imagenet", image_size=64)

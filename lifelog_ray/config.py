@@ -99,6 +99,20 @@ class ClassifyConfig(_Section):
     distributed_min_rows: int = Field(2_000_000, ge=1)
     seed: int = 0
 
+    @field_validator("pca", mode="before")
+    @classmethod
+    def _parse_pca(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            t = v.strip().lower()
+            if t in ("off", "none", "null", ""):
+                return None
+            try:
+                f = float(t)
+            except ValueError as e:
+                raise ValueError(f"pca must be a variance fraction (0.95), a component count, or 'off', got {v!r}") from e
+            return int(f) if f >= 1 and f == int(f) else f
+        return v
+
     @field_validator("models", "layers", "classifiers", mode="before")
     @classmethod
     def _csv_list(cls, v: Any) -> Any:
@@ -191,7 +205,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: cannot override inside a non-mapping")
         node[parts[-1]] = value
-        source = f"{source} + CLI"
+        if not source.endswith("+ CLI"):
+            source = f"{source} + CLI"
     try:
         return StudyConfig.model_validate(raw)
     except ValidationError as e:

@@ -1,0 +1,165 @@
+"""Feature sets for the study: discover (model, layer) shards, load them, reduce them with PCA fitted on train."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+from sklearn.decomposition import PCA, IncrementalPCA
+
+from ..errors import LifelogError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class FeatureSet:
+    """One (model, layer): PCA-reduced arrays per split, integer labels, and the class names."""
+
+    model: str
+    layer: str
+    classes: list[str]
+    X: dict[str, np.ndarray]
+    y: dict[str, np.ndarray]
+    ids: dict[str, np.ndarray]
+    width: int
+    pca: PCA | IncrementalPCA | None
+
+    @property
+    def n_components(self) -> int:
+        return self.X["train"].shape[1]
+
+
+def discover(study: Path, models: list[str] | None, layers: list[str] | None) -> list[tuple[str, str]]:
+    """Every <model>/<layer> folder under features/ holding Parquet, whatever their names."""
+    root = study / "features"
+    found = []
+    if root.exists():
+        for mdir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+            for ldir in sorted(p for p in mdir.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+                if next(ldir.rglob("*.parquet"), None) is not None:
+                    found.append((mdir.name, ldir.name))
+    chosen = [(m, la) for m, la in found if (not models or m in models) and (not layers or la in layers)]
+    if not chosen:
+        raise LifelogError(
+            f"{root}: no feature shards for models={models or 'any'} layers={layers or 'any'} "
+            f"(found {found or 'none'}); run `lifelog-ray extract` first"
+        )
+    return chosen
+
+
+def _to_matrix(col: pa.ChunkedArray) -> np.ndarray:
+    arr = col.combine_chunks()
+    if isinstance(arr.type, pa.FixedSizeListType):
+        return arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(arr), arr.type.list_size)
+    return np.asarray(arr.to_pylist(), dtype=np.float32)  # variable-size lists from another tool
+
+
+def _dataset(study: Path, model: str, layer: str) -> pads.Dataset:
+    return pads.dataset(str(study / "features" / model / layer), format="parquet")
+
+
+def _choose_k(evr: np.ndarray, spec: float | int) -> int:
+    if isinstance(spec, float) and 0 < spec < 1:
+        return int(min(np.searchsorted(np.cumsum(evr), spec) + 1, len(evr)))
+    return int(min(int(spec), len(evr)))
+
+
+def fit_pca_streaming(ds: pads.Dataset, spec: float | int, batch_rows: int, max_components: int) -> IncrementalPCA:
+    """Incremental PCA over the train split, batch by batch from disk: memory is bounded by a batch."""
+    ipca = IncrementalPCA(n_components=max_components)
+    pending: list[np.ndarray] = []
+    rows = 0
+    for b in ds.to_batches(columns=["features"], filter=pc.field("split") == "train", batch_size=batch_rows):
+        pending.append(_to_matrix(pa.chunked_array([b.column(0)])))
+        rows += len(pending[-1])
+        if rows >= max(batch_rows, max_components):
+            ipca.partial_fit(np.concatenate(pending))
+            pending, rows = [], 0
+    if pending and rows >= max_components:
+        ipca.partial_fit(np.concatenate(pending))
+    k = _choose_k(ipca.explained_variance_ratio_, spec)
+    ipca.components_ = ipca.components_[:k]
+    ipca.n_components_ = ipca.n_components = k
+    ipca.explained_variance_ = ipca.explained_variance_[:k]
+    ipca.explained_variance_ratio_ = ipca.explained_variance_ratio_[:k]
+    ipca.singular_values_ = ipca.singular_values_[:k]
+    return ipca
+
+
+def load_feature_set(
+    study: Path, model: str, layer: str, pca: float | int | None, solver: str = "auto", seed: int = 0,
+    memory_limit_bytes: int = 4 << 30, batch_rows: int = 20_000, max_components: int = 1024,
+) -> FeatureSet:
+    ds = _dataset(study, model, layer)
+    meta = ds.to_table(columns=["image_id", "label", "split"])
+    n = meta.num_rows
+    width = ds.schema.field("features").type.list_size if isinstance(
+        ds.schema.field("features").type, pa.FixedSizeListType) else None
+    classes = sorted(set(meta.column("label").to_pylist()))
+    big = width is not None and n * width * 4 > memory_limit_bytes
+    if solver == "auto":
+        solver = "incremental" if big else "full"
+    fitted = None
+    if pca is not None and solver == "incremental":
+        fitted = fit_pca_streaming(ds, pca, batch_rows, min(max_components, width or max_components))
+    X: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    y: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    ids: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    index = {c: i for i, c in enumerate(classes)}
+    if big:  # stream: only the reduced matrix is held in memory
+        batches = ds.to_batches(columns=["image_id", "label", "split", "features"], batch_size=batch_rows)
+    else:
+        batches = [ds.to_table(columns=["image_id", "label", "split", "features"])]
+    for b in batches:
+        feats = _to_matrix(pa.chunked_array([b.column("features")]))
+        if fitted is not None:
+            feats = fitted.transform(feats).astype(np.float32)
+        split = np.asarray(b.column("split").to_pylist())
+        labels = np.asarray([index[v] for v in b.column("label").to_pylist()])
+        image_ids = np.asarray(b.column("image_id").to_pylist())
+        for s in SPLITS:
+            m = split == s
+            X[s].append(feats[m])
+            y[s].append(labels[m])
+            ids[s].append(image_ids[m])
+    Xs = {s: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for s, v in X.items()}
+    ys = {s: np.concatenate(v) for s, v in y.items()}
+    idss = {s: np.concatenate(v) for s, v in ids.items()}
+    if len(ys["train"]) == 0 or len(ys["val"]) == 0:
+        raise LifelogError(f"features {model}/{layer}: the train and val splits must both have rows")
+    full_width = Xs["train"].shape[1]
+    if pca is not None and fitted is None:
+        if solver == "randomized":
+            k_max = min(max_components, *Xs["train"].shape)
+            fitted = PCA(n_components=k_max, svd_solver="randomized", random_state=seed).fit(Xs["train"])
+            k = _choose_k(fitted.explained_variance_ratio_, pca)
+            fitted.components_ = fitted.components_[:k]
+            fitted.n_components_ = k
+            fitted.explained_variance_ = fitted.explained_variance_[:k]
+            fitted.explained_variance_ratio_ = fitted.explained_variance_ratio_[:k]
+        else:
+            n_comp = pca if isinstance(pca, float) and pca < 1 else min(int(pca), *Xs["train"].shape)
+            fitted = PCA(n_components=n_comp, svd_solver="full", random_state=seed).fit(Xs["train"])
+        Xs = {s: fitted.transform(v).astype(np.float32) if len(v) else v for s, v in Xs.items()}
+    log.info("%s/%s: %d rows, width %s -> %d components", model, layer, n, width or full_width, Xs["train"].shape[1])
+    return FeatureSet(model, layer, classes, Xs, ys, idss, int(width or full_width), fitted)
+
+
+def parse_pca(value: str | float | int | None) -> float | int | None:
+    """0.95 -> keep 95 % variance; 128 -> 128 components; off/none -> no PCA."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("off", "none", "null", "")):
+        return None
+    v = float(value)
+    if 0 < v < 1:
+        return v
+    if v >= 1 and v == int(v):
+        return int(v)
+    raise LifelogError(f"classify.pca: {value!r} is neither a variance fraction in (0, 1), a count, nor 'off'")

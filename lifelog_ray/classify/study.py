@@ -1,0 +1,306 @@
+"""`lifelog-ray classify`: search -> select on validation -> refit -> score on test -> Table 3 and saved pipelines."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..config import StudyConfig, write_resolved
+from ..errors import LifelogError
+from ..io import atomic_write_df, atomic_write_text
+from ..metrics import full_report
+from .data import FeatureSet, discover, load_feature_set, parse_pca
+from .estimators import ClassifierSpec, load_search_space, params_json
+from .search import evaluate_point, run_search
+
+log = logging.getLogger(__name__)
+
+PAPER_LAYER_ORDER = ["predictions", "fc2", "fc1", "flatten"]
+TABLE_BLOCKS = [("Accuracy", "accuracy"), ("Precision", "precision_macro"), ("Recall", "recall_macro"),
+                ("F1 Score", "f1_macro")]
+# Types a saved scikit-learn pipeline may contain beyond skops' defaults: our own estimators only.
+TRUSTED_TYPES = ["lifelog_ray.classify.estimators.BayesianRidgeClassifier"]
+
+
+@dataclass
+class ClassifyResult:
+    trials: pd.DataFrame
+    results: pd.DataFrame
+    output: Path
+    seconds: float
+
+    def line(self) -> str:
+        ok = (self.trials["status"] == "ok").sum()
+        best = self.results.sort_values("accuracy", ascending=False).iloc[0]
+        return (f"classify: {len(self.trials)} trials ({ok} ok, {len(self.trials) - ok} failed) in "
+                f"{self.seconds:.0f}s; best test accuracy {100 * best['accuracy']:.2f}% "
+                f"({best['model']}/{best['layer']} + {best['classifier']}) -> {self.output}")
+
+
+def _is_xgboost(spec: ClassifierSpec) -> bool:
+    return spec.estimator == "xgboost.XGBClassifier"
+
+
+def _use_distributed(cfg: StudyConfig, spec: ClassifierSpec, fs: FeatureSet) -> bool:
+    mode = cfg.classify.xgboost_distributed
+    if not _is_xgboost(spec) or mode == "never":
+        return False
+    return mode == "always" or len(fs.y["train"]) >= cfg.classify.distributed_min_rows
+
+
+def _refit_data(fs: FeatureSet, refit_on: str) -> tuple[np.ndarray, np.ndarray]:
+    if refit_on == "train+val":
+        return np.concatenate([fs.X["train"], fs.X["val"]]), np.concatenate([fs.y["train"], fs.y["val"]])
+    return fs.X["train"], fs.y["train"]
+
+
+def refit_and_test(fs: FeatureSet, spec: ClassifierSpec, params: dict, refit_on: str, seed: int, n_jobs: int,
+                   distributed: bool = False, workers: int = 2) -> dict[str, Any]:
+    """Refit the chosen point and score it once on the test split; return the report and the model bytes."""
+    X, y = _refit_data(fs, refit_on)
+    t0 = time.perf_counter()
+    if distributed:
+        from .xgb_dist import fit_distributed, predict_booster
+
+        booster = fit_distributed(X, y, params, len(fs.classes), workers, seed, spec.fixed)
+        pred = predict_booster(booster, fs.X["test"])
+        blob, fmt = bytes(booster.save_raw("ubj")), "xgboost-booster-ubj"
+    else:
+        est = spec.build(params, seed=seed, n_jobs=n_jobs)
+        est.fit(X, y)
+        pred = np.asarray(est.predict(fs.X["test"]))
+        if _is_xgboost(spec):
+            blob, fmt = bytes(est.get_booster().save_raw("ubj")), "xgboost-classifier-ubj"
+        else:
+            import skops.io as sio
+
+            blob, fmt = sio.dumps(est), "skops"
+    report = full_report(fs.y["test"], pred, fs.classes)
+    return {"report": report, "pred": pred, "blob": blob, "format": fmt, "fit_s": time.perf_counter() - t0}
+
+
+def _save_pipeline(out: Path, fs: FeatureSet, spec: ClassifierSpec, params: dict, fitted: dict) -> Path:
+    d = out / "models" / fs.model / fs.layer / spec.name
+    d.mkdir(parents=True, exist_ok=True)
+    files = {}
+    if fs.pca is not None:
+        pca_path = d / "pca.npz"
+        np.savez(pca_path, components=fs.pca.components_, mean=fs.pca.mean_,
+                 explained_variance_ratio=fs.pca.explained_variance_ratio_)
+        files["pca.npz"] = hashlib.sha256(pca_path.read_bytes()).hexdigest()
+    name = "model.ubj" if fitted["format"].startswith("xgboost") else "model.skops"
+    (d / name).write_bytes(fitted["blob"])
+    files[name] = hashlib.sha256(fitted["blob"]).hexdigest()
+    meta = {"model": fs.model, "layer": fs.layer, "classifier": spec.name, "estimator": spec.estimator,
+            "params": params, "fixed": spec.fixed, "classes": fs.classes, "feature_width": fs.width,
+            "pca_components": fs.n_components if fs.pca is not None else None, "format": fitted["format"],
+            "sha256": files}
+    atomic_write_text(json.dumps(meta, indent=1, default=str), d / "pipeline.json")
+    return d
+
+
+def _order_layers(layers: list[str]) -> list[str]:
+    known = [la for la in PAPER_LAYER_ORDER if la in layers]
+    return known + sorted(la for la in layers if la not in known)
+
+
+def table3(results: pd.DataFrame, classifiers: list[str]) -> tuple[str, pd.DataFrame]:
+    """The paper's Table 3: blocks per metric, rows = layers (per model), columns = classifiers, in percent."""
+    rows, md = [], []
+    models = sorted(results["model"].unique())
+    for title, col in TABLE_BLOCKS:
+        md.append(f"\n**{title}**" + (" (macro)" if col != "accuracy" else "") + "\n")
+        md.append("| Model | Layer | " + " | ".join(classifiers) + " |")
+        md.append("|---|---|" + "---|" * len(classifiers))
+        for m in models:
+            sub = results[results["model"] == m]
+            for layer in _order_layers(list(sub["layer"].unique())):
+                vals = {}
+                for c in classifiers:
+                    hit = sub[(sub["layer"] == layer) & (sub["classifier"] == c)]
+                    vals[c] = round(100 * float(hit[col].iloc[0]), 2) if len(hit) else None
+                rows.append({"metric": title, "model": m, "layer": layer, **vals})
+                cells = [f"{v:.2f}" if v is not None else "—" for v in vals.values()]
+                md.append(f"| {m} | {layer} | " + " | ".join(cells) + " |")
+    header = "# Table 3: Approach 1 (pre-trained features + PCA + classifiers), test split, percent\n"
+    return header + "\n".join(md) + "\n", pd.DataFrame(rows)
+
+
+def run_classify(cfg: StudyConfig) -> ClassifyResult:
+    import ray
+
+    from ..runtime import ensure_ray
+
+    c = cfg.classify
+    study = cfg.study_dir
+    out = study / "classify"
+    t0 = time.perf_counter()
+    pairs = discover(study, c.models, c.layers)
+    specs = load_search_space(c.search_space, c.classifiers)
+    pca = parse_pca(c.pca)
+    sets = {f"{m}/{la}": load_feature_set(study, m, la, pca, c.pca_solver, c.seed) for m, la in pairs}
+    n_jobs = max(1, int(c.cpus_per_trial))
+    points, dist_points = [], []
+    for key, fs in sets.items():
+        for spec in specs:
+            for i, params in enumerate(spec.points()):
+                p = {"set": key, "model": fs.model, "layer": fs.layer, "classifier": spec.name, "index": i,
+                     "point": f"{key}/{spec.name}/{i}", "params": params, "spec": asdict(spec),
+                     "seed": c.seed, "n_jobs": n_jobs}
+                (dist_points if _use_distributed(cfg, spec, fs) else points).append(p)
+    ensure_ray(cfg.ray)
+    out.mkdir(parents=True, exist_ok=True)
+    records = {r["point"]: r for r in run_search(sets, points, out / "tune", c.cpus_per_trial)}
+    for p in dist_points:  # each a Ray Train run: data-parallel XGBoost for feature sets too big for one worker
+        from ..metrics import scores
+        from .xgb_dist import fit_distributed, predict_booster
+
+        fs, spec = sets[p["set"]], ClassifierSpec(**p["spec"])
+        try:
+            t1 = time.perf_counter()
+            b = fit_distributed(fs.X["train"], fs.y["train"], p["params"], len(fs.classes), c.xgboost_workers,
+                                c.seed, spec.fixed)
+            rec = {f"val_{k}": v for k, v in scores(fs.y["val"], predict_booster(b, fs.X["val"])).items()}
+            records[p["point"]] = {"point": p["point"], "status": "ok", "error": "", **rec,
+                                   "fit_s": time.perf_counter() - t1}
+        except Exception as e:  # noqa: BLE001 - recorded like any failed trial
+            records[p["point"]] = {"point": p["point"], "status": "error", "error": f"{type(e).__name__}: {e}"}
+    rows = []
+    for p in points + dist_points:
+        r = records.get(p["point"], {"status": "error", "error": "trial produced no result"})
+        rows.append({"model": p["model"], "layer": p["layer"], "classifier": p["classifier"],
+                     "point_index": p["index"], "params": params_json(p["params"]),
+                     "distributed": p in dist_points, **{k: v for k, v in r.items() if k != "point"}})
+    trials = pd.DataFrame(rows)
+    metric = f"val_{c.select_metric}"
+    if metric not in trials:
+        trials[metric] = np.nan
+    atomic_write_df(trials, out / "trials.parquet")
+    ok = trials[trials["status"] == "ok"]
+    if ok.empty:
+        raise LifelogError(f"classify: every trial failed; see {out / 'trials.parquet'} (column error)")
+    # Best point per (model, layer, classifier): highest validation metric, ties to the earliest grid point
+    # (GridSearchCV's rule), so the choice is reproducible.
+    best = (ok.sort_values([metric, "point_index"], ascending=[False, True])
+              .groupby(["model", "layer", "classifier"], sort=False).head(1))
+    spec_by_name = {s.name: s for s in specs}
+    sets_ref = {k: ray.put(v) for k, v in sets.items()}
+    remote = ray.remote(num_cpus=c.cpus_per_trial)(_refit_remote)
+    jobs = []
+    for _, b in best.iterrows():
+        key, spec, params = f"{b['model']}/{b['layer']}", spec_by_name[b["classifier"]], json.loads(b["params"])
+        distributed = _use_distributed(cfg, spec, sets[key])
+        if distributed:
+            jobs.append((b, spec, params, refit_and_test(sets[key], spec, params, c.refit_on, c.seed, n_jobs,
+                                                         True, c.xgboost_workers)))
+        else:
+            jobs.append((b, spec, params, remote.remote(sets_ref[key], spec, params, c.refit_on, c.seed, n_jobs)))
+    result_rows, pred_frames = [], []
+    for b, spec, params, job in jobs:
+        fitted = job if isinstance(job, dict) else ray.get(job)
+        fs = sets[f"{b['model']}/{b['layer']}"]
+        rep = fitted["report"]
+        path = _save_pipeline(out, fs, spec, params, fitted)
+        tag = f"{fs.model}__{fs.layer}__{spec.name}"
+        atomic_write_text(json.dumps(rep, indent=1), out / "reports" / f"{tag}.json")
+        cm = pd.DataFrame(rep["confusion"], index=fs.classes, columns=fs.classes)
+        atomic_write_text(cm.to_csv(index_label="true\\predicted"), out / "confusion" / f"{tag}.csv")
+        result_rows.append({
+            "model": fs.model, "layer": fs.layer, "classifier": spec.name, "params": params_json(params),
+            **{k: rep[k] for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro",
+                                   "precision_weighted", "recall_weighted", "f1_weighted")},
+            f"val_{c.select_metric}": float(b[metric]), "pca_components": fs.n_components if fs.pca is not None else None,
+            "feature_width": fs.width, "n_train": len(fs.y["train"]), "n_test": len(fs.y["test"]),
+            "refit_on": c.refit_on, "distributed": bool(b["distributed"]), "pipeline": str(path),
+        })
+        pred_frames.append(pd.DataFrame({"model": fs.model, "layer": fs.layer, "classifier": spec.name,
+                                         "image_id": fs.ids["test"], "true": [fs.classes[i] for i in fs.y["test"]],
+                                         "pred": [fs.classes[i] for i in fitted["pred"]]}))
+    results = pd.DataFrame(result_rows)
+    atomic_write_df(results, out / "results.parquet")
+    atomic_write_df(pd.concat(pred_frames, ignore_index=True), out / "predictions.parquet")
+    md, csv = table3(results, [s.name for s in specs])
+    atomic_write_text(md, out / "table3.md")
+    atomic_write_text(csv.to_csv(index=False), out / "table3.csv")
+    write_resolved(cfg, out)
+    return ClassifyResult(trials, results, out, time.perf_counter() - t0)
+
+
+def _refit_remote(fs: FeatureSet, spec: ClassifierSpec, params: dict, refit_on: str, seed: int, n_jobs: int) -> dict:
+    return refit_and_test(fs, spec, params, refit_on, seed, n_jobs)
+
+
+def load_pipeline(study: str | Path, model: str, layer: str, classifier: str, extra_trusted: list[str] | None = None):
+    """Load a saved pipeline of the study the user named. Never unpickles: skops refuses unknown types,
+    XGBoost loads its own format; files must match the hashes recorded when they were written."""
+    d = Path(study) / "classify" / "models" / model / layer / classifier
+    meta_path = d / "pipeline.json"
+    if not meta_path.exists():
+        raise LifelogError(f"{d}: no saved pipeline (run `lifelog-ray classify` first)")
+    meta = json.loads(meta_path.read_text("utf-8"))
+    for name, digest in meta["sha256"].items():
+        if hashlib.sha256((d / name).read_bytes()).hexdigest() != digest:
+            raise LifelogError(f"{d / name}: content does not match the hash in pipeline.json; refusing to load")
+    pca = None
+    if "pca.npz" in meta["sha256"]:
+        with np.load(d / "pca.npz", allow_pickle=False) as z:
+            pca = {k: z[k] for k in z.files}
+    if meta["format"].startswith("xgboost"):
+        import xgboost
+
+        booster = xgboost.Booster()
+        booster.load_model(bytearray((d / "model.ubj").read_bytes()))
+        est = booster
+    else:
+        import skops.io as sio
+
+        untrusted = sio.get_untrusted_types(file=d / "model.skops")
+        allowed = set(TRUSTED_TYPES) | set(extra_trusted or [])
+        refused = [t for t in untrusted if t not in allowed]
+        if refused:
+            raise LifelogError(f"{d / 'model.skops'} holds types not trusted by default: {refused}; "
+                               f"pass them explicitly if you trust this file")
+        est = sio.load(d / "model.skops", trusted=untrusted)
+    return SavedPipeline(meta, pca, est)
+
+
+@dataclass
+class SavedPipeline:
+    meta: dict
+    pca: dict | None
+    estimator: Any
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        if self.pca is None:
+            return X.astype(np.float32)
+        return ((X - self.pca["mean"]) @ self.pca["components"].T).astype(np.float32)
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        Z = self.transform(X)
+        if self.meta["format"].startswith("xgboost"):
+            import xgboost
+
+            return self.estimator.predict(xgboost.DMatrix(Z))
+        est = self.estimator
+        if hasattr(est, "predict_proba") and getattr(est, "probability", True):
+            try:
+                return est.predict_proba(Z)
+            except AttributeError:
+                pass
+        onehot = np.zeros((len(Z), len(self.meta["classes"])), dtype=np.float32)
+        onehot[np.arange(len(Z)), np.asarray(est.predict(Z), dtype=int)] = 1.0
+        return onehot
+
+    def predict(self, X: np.ndarray) -> list[str]:
+        return [self.meta["classes"][i] for i in np.argmax(self.predict_proba(X), axis=1)]
+
+
+__all__ = ["run_classify", "load_pipeline", "table3", "evaluate_point"]

@@ -1,0 +1,154 @@
+"""Classifier study: same choice and test scores as GridSearchCV, failures recorded, safe saved pipelines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from sklearn.datasets import load_digits
+from sklearn.model_selection import GridSearchCV, PredefinedSplit, train_test_split
+
+from lifelog_ray.classify.data import load_feature_set
+from lifelog_ray.classify.estimators import load_search_space
+from lifelog_ray.classify.study import load_pipeline, run_classify
+from lifelog_ray.config import load_config
+from lifelog_ray.errors import LifelogError
+from lifelog_ray.io import atomic_write_table
+from lifelog_ray.metrics import scores
+
+GRID = """
+svm: {estimator: sklearn.svm.SVC, grid: {C: [0.1, 1, 10], gamma: [scale, 0.001], kernel: [rbf, linear]}}
+random_forest:
+  estimator: sklearn.ensemble.RandomForestClassifier
+  grid: {n_estimators: [20, 40], max_depth: [null, 5], criterion: [gini, entropy]}
+naive_bayes: {estimator: sklearn.naive_bayes.GaussianNB, grid: {var_smoothing: [1.0e-9, 1.0e-2]}}
+xgboost:
+  estimator: xgboost.XGBClassifier
+  fixed: {tree_method: hist}
+  grid: {max_depth: [2, 4], n_estimators: [10], learning_rate: [0.3]}
+bayesian_ridge: {estimator: lifelog_ray.classify.estimators.BayesianRidgeClassifier, grid: {lambda_1: [1.0e-6, 1.0]}}
+broken_svm: {estimator: sklearn.svm.SVC, grid: {C: [1], kernel: [rbf, no_such_kernel]}}
+"""
+
+
+def write_digits(study: Path, model: str = "digits", layer: str = "pixels", n: int | None = 600) -> dict:
+    X, y = load_digits(return_X_y=True)
+    X, y = X[:n].astype(np.float32), y[:n]
+    idx = np.arange(len(y))
+    tr, rest = train_test_split(idx, test_size=0.4, stratify=y, random_state=0)
+    va, te = train_test_split(rest, test_size=0.5, stratify=y[rest], random_state=0)
+    tr, va, te = np.sort(tr), np.sort(va), np.sort(te)  # file order, as the study reads them
+    split = np.empty(len(y), dtype=object)
+    split[tr], split[va], split[te] = "train", "val", "test"
+    labels = np.array([f"digit{d}" for d in y])
+    table = pa.table({
+        "image_id": [f"img{i:04d}" for i in idx], "label": labels, "split": split.astype(str),
+        "day": ["2020-01-01"] * len(y),
+        "features": pa.FixedSizeListArray.from_arrays(X.reshape(-1), X.shape[1]),
+    })
+    atomic_write_table(table, study / "features" / model / layer / "2020-01" / "part0.parquet")
+    classes = sorted(set(labels))
+    enc = np.array([classes.index(v) for v in labels])
+    return {"X": X, "y": enc, "tr": tr, "va": va, "te": te}
+
+
+def cfg(study: Path, grid: Path, classifiers: str, **kw):
+    over = {"output.study": str(study), "classify.search_space": str(grid), "classify.classifiers": classifiers,
+            "classify.pca": "off", "classify.refit_on": "train+val", "ray.progress_bars": False}
+    over.update({f"classify.{k}": v for k, v in kw.items()})
+    return load_config(None, over)
+
+
+@pytest.fixture(scope="module")
+def digits_study(tmp_path_factory, ray_local):
+    study = tmp_path_factory.mktemp("digits")
+    d = write_digits(study)
+    grid = study / "grid.yaml"
+    grid.write_text(GRID)
+    res = run_classify(cfg(study, grid, "svm,random_forest,naive_bayes,xgboost,bayesian_ridge,broken_svm"))
+    return study, grid, d, res
+
+
+def test_same_choice_and_scores_as_gridsearchcv(digits_study):
+    study, grid, d, res = digits_study
+    X, y = d["X"], d["y"]
+    fit_idx = np.concatenate([d["tr"], d["va"]])
+    fold = np.r_[np.full(len(d["tr"]), -1), np.zeros(len(d["va"]))]
+    for spec in load_search_space(grid, ["svm", "random_forest", "naive_bayes", "xgboost", "bayesian_ridge"]):
+        est = spec.build({}, seed=0, n_jobs=1)
+        gs = GridSearchCV(est, {k: list(v) for k, v in spec.grid.items()}, scoring="f1_macro",
+                          cv=PredefinedSplit(fold), refit=True, n_jobs=1)
+        gs.fit(X[fit_idx], y[fit_idx])
+        row = res.results[res.results["classifier"] == spec.name].iloc[0]
+        assert json.loads(row["params"]) == json.loads(json.dumps(gs.best_params_)), spec.name
+        want = scores(y[d["te"]], gs.predict(X[d["te"]]))
+        for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
+            assert row[k] == pytest.approx(want[k], abs=1e-9), (spec.name, k)
+
+
+def test_failed_trials_are_recorded_and_the_rest_completes(digits_study):
+    study, _, _, res = digits_study
+    trials = pd.read_parquet(study / "classify" / "trials.parquet")
+    for col in ("model", "layer", "classifier", "params", "val_f1_macro", "status", "error"):
+        assert col in trials.columns
+    broken = trials[trials["classifier"] == "broken_svm"]
+    assert broken["status"].tolist() == ["ok", "error"]
+    assert "no_such_kernel" in broken[broken["status"] == "error"]["error"].iloc[0]
+    assert (trials[trials["classifier"] != "broken_svm"]["status"] == "ok").all()
+    results = pd.read_parquet(study / "classify" / "results.parquet")
+    assert len(results) == 6 and results["accuracy"].between(0.8, 1.0).all()
+    md = (study / "classify" / "table3.md").read_text()
+    for block in ("**Accuracy**", "**Precision**", "**Recall**", "**F1 Score**"):
+        assert block in md
+    t3 = pd.read_csv(study / "classify" / "table3.csv")
+    assert list(t3.columns[:3]) == ["metric", "model", "layer"] and len(t3) == 4
+    acc = t3[t3["metric"] == "Accuracy"].iloc[0]
+    assert acc["svm"] == round(100 * results.set_index("classifier").loc["svm", "accuracy"], 2)
+    cm = pd.read_csv(study / "classify" / "confusion" / "digits__pixels__svm.csv", index_col=0)
+    assert cm.to_numpy().sum() == results["n_test"].iloc[0]
+
+
+def test_saved_pipelines_reload_safely(digits_study):
+    study, _, d, res = digits_study
+    preds = pd.read_parquet(study / "classify" / "predictions.parquet")
+    X_test = d["X"][d["te"]]
+    for clf in ("svm", "xgboost", "bayesian_ridge"):
+        pipe = load_pipeline(study, "digits", "pixels", clf)
+        got = pipe.predict(X_test)
+        want = preds[preds["classifier"] == clf]["pred"].tolist()
+        assert got == want, clf
+    model_file = study / "classify" / "models" / "digits" / "pixels" / "svm" / "model.skops"
+    model_file.write_bytes(model_file.read_bytes() + b"\0")
+    with pytest.raises(LifelogError, match="does not match the hash"):
+        load_pipeline(study, "digits", "pixels", "svm")
+
+
+def test_distributed_xgboost_matches_single_node(tmp_path, ray_local):
+    study = tmp_path / "s"
+    write_digits(study, n=400)
+    grid = tmp_path / "g.yaml"
+    grid.write_text("xgboost: {estimator: xgboost.XGBClassifier, fixed: {tree_method: hist}, "
+                    "grid: {max_depth: [3], n_estimators: [8], learning_rate: [0.3]}}\n")
+    single = run_classify(cfg(study, grid, "xgboost", xgboost_distributed="never")).results.iloc[0]
+    dist = run_classify(cfg(study, grid, "xgboost", xgboost_distributed="always", xgboost_workers=2)).results.iloc[0]
+    assert bool(dist["distributed"]) and not bool(single["distributed"])
+    assert abs(dist["accuracy"] - single["accuracy"]) <= 0.03
+    assert load_pipeline(study, "digits", "pixels", "xgboost").meta["format"] == "xgboost-booster-ubj"
+
+
+def test_pca_variance_and_streaming_solver(tmp_path):
+    write_digits(tmp_path, n=None)
+    full = load_feature_set(tmp_path, "digits", "pixels", 0.95, "full")
+    evr = full.pca.explained_variance_ratio_
+    assert evr.sum() >= 0.95 and evr[:-1].sum() < 0.95
+    assert full.n_components < full.width == 64
+    # Pretend the data are too big for memory: incremental PCA over on-disk batches, same dimensionality.
+    inc = load_feature_set(tmp_path, "digits", "pixels", 0.95, "auto", memory_limit_bytes=1, batch_rows=200)
+    assert abs(inc.n_components - full.n_components) <= 2
+    assert sum(len(v) for v in inc.y.values()) == 1797
+    fixed = load_feature_set(tmp_path, "digits", "pixels", 10, "randomized")
+    assert fixed.n_components == 10

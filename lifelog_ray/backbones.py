@@ -59,10 +59,19 @@ class Backbone:
 
 
 def keras_module():
-    """`tf.keras`: Keras 3, or tf-keras where TF_USE_LEGACY_KERAS=1 (Ray Train's TensorFlow workers)."""
+    """Keras 3 (as `tf.keras`) for inference: extraction and prediction."""
     import tensorflow as tf
 
     return tf.keras
+
+
+def legacy_keras_module():
+    """tf-keras (Keras 2) for training: MultiWorkerMirroredStrategy's `model.fit` works with it and fails
+    with Keras 3. Imported by name, since Ray's TF backend imports TensorFlow in the worker before it sets
+    TF_USE_LEGACY_KERAS, so `tf.keras` would still be Keras 3 there."""
+    import tf_keras
+
+    return tf_keras
 
 
 def _app(keras, model: str):

@@ -134,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         _add_common(p)
         _add_flags(p, flags)
+        if name == "run":
+            p.add_argument("--stages", help="comma list of stages to run (default: all)")
+        if name == "predict":
+            p.add_argument("--images", required=True, help="a folder of new images, a manifest .parquet or a .csv")
+            p.add_argument("--pipeline", default="auto", help="auto | approach1 | approach2 | MODEL/LAYER/CLASSIFIER")
+            p.add_argument("--name", help="output name under STUDY/predictions/ (default: the input's name)")
         p.set_defaults(func=fn)
     return parser
 

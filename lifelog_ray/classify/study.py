@@ -36,11 +36,12 @@ class ClassifyResult:
     results: pd.DataFrame
     output: Path
     seconds: float
+    skipped: bool = False
 
     def line(self) -> str:
         ok = (self.trials["status"] == "ok").sum()
         best = self.results.sort_values("accuracy", ascending=False).iloc[0]
-        return (f"classify: {len(self.trials)} trials ({ok} ok, {len(self.trials) - ok} failed) in "
+        return (("classify (results current, skipped): " if self.skipped else "classify: ") + f"{len(self.trials)} trials ({ok} ok, {len(self.trials) - ok} failed) in "
                 f"{self.seconds:.0f}s; best test accuracy {100 * best['accuracy']:.2f}% "
                 f"({best['model']}/{best['layer']} + {best['classifier']}) -> {self.output}")
 
@@ -134,7 +135,18 @@ def table3(results: pd.DataFrame, classifiers: list[str]) -> tuple[str, pd.DataF
     return header + "\n".join(md) + "\n", pd.DataFrame(rows)
 
 
-def run_classify(cfg: StudyConfig) -> ClassifyResult:
+def _signature(study: Path, pairs: list[tuple[str, str]], cfg: StudyConfig, specs: list[ClassifierSpec]) -> str:
+    """What the results depend on: the classify config, the search space, and the feature shards present."""
+    h = hashlib.sha1(json.dumps([cfg.classify.model_dump(mode="json"), [asdict(s) for s in specs]],
+                                sort_keys=True, default=str).encode())
+    for m, la in pairs:
+        for f in sorted((study / "features" / m / la).rglob("*.parquet")):
+            h.update(f"{f.relative_to(study)}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
+    """Run the study; a rerun with the same config and feature shards returns the saved results."""
     import ray
 
     from ..runtime import ensure_ray
@@ -145,6 +157,12 @@ def run_classify(cfg: StudyConfig) -> ClassifyResult:
     t0 = time.perf_counter()
     pairs = discover(study, c.models, c.layers)
     specs = load_search_space(c.search_space, c.classifiers)
+    sig = _signature(study, pairs, cfg, specs)
+    done = out / "_done.json"
+    if not force and done.exists() and json.loads(done.read_text("utf-8")).get("signature") == sig:
+        log.info("classify: results are current (signature %s), skipping", sig)
+        return ClassifyResult(pd.read_parquet(out / "trials.parquet"), pd.read_parquet(out / "results.parquet"),
+                              out, 0.0, skipped=True)
     pca = parse_pca(c.pca)
     sets = {f"{m}/{la}": load_feature_set(study, m, la, pca, c.pca_solver, c.seed) for m, la in pairs}
     n_jobs = max(1, int(c.cpus_per_trial))
@@ -231,6 +249,7 @@ def run_classify(cfg: StudyConfig) -> ClassifyResult:
     atomic_write_text(md, out / "table3.md")
     atomic_write_text(csv.to_csv(index=False), out / "table3.csv")
     write_resolved(cfg, out)
+    atomic_write_text(json.dumps({"signature": sig, "finished": time.time()}), done)  # last: marks complete
     return ClassifyResult(trials, results, out, time.perf_counter() - t0)
 
 

@@ -1,0 +1,87 @@
+"""`lifelog-ray run`: the whole study, stage by stage, each skipping what is complete and current."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import StudyConfig, write_resolved
+
+log = logging.getLogger(__name__)
+
+STAGES = ("manifest", "extract", "classify", "finetune", "report")
+
+
+@dataclass
+class StageSummary:
+    stage: str
+    status: str  # done | skipped | off
+    seconds: float
+    detail: str
+
+
+def run_study(cfg: StudyConfig, stages: tuple[str, ...] = STAGES) -> list[StageSummary]:
+    from .runtime import ensure_ray
+
+    study = cfg.study_dir
+    study.mkdir(parents=True, exist_ok=True)
+    write_resolved(cfg, study)
+    out: list[StageSummary] = []
+
+    def timed(stage: str, fn) -> None:
+        t0 = time.perf_counter()
+        status, detail = fn()
+        out.append(StageSummary(stage, status, time.perf_counter() - t0, detail))
+        log.info("stage %s: %s (%s)", stage, status, detail)
+
+    if "manifest" in stages:
+        def manifest():
+            from .ingest import build_manifest
+
+            res = build_manifest(cfg)
+            return "done", res.accounting()
+        timed("manifest", manifest)
+    # One Ray for the whole run: the cluster the job was submitted to, a running local one, or a new one.
+    if any(s in stages for s in ("extract", "classify", "finetune")):
+        ensure_ray(cfg.ray)
+    if "extract" in stages:
+        def extract():
+            from .extract import run_extract
+
+            sums = run_extract(cfg)
+            status = "skipped" if all(s.processed + s.rejected == 0 for s in sums) else "done"
+            return status, "; ".join(s.line() for s in sums)
+        timed("extract", extract)
+    if "classify" in stages:
+        def classify():
+            from .classify.study import run_classify
+
+            res = run_classify(cfg)
+            return ("skipped" if res.skipped else "done"), res.line()
+        timed("classify", classify)
+    if "finetune" in stages:
+        def finetune():
+            if not cfg.finetune.methods:
+                return "off", "no fine-tuning methods configured"
+            from .finetune import run_finetune
+
+            runs = run_finetune(cfg)
+            status = "skipped" if all(r.skipped for r in runs) else "done"
+            return status, "; ".join(f"{r.model}/{r.method} acc {100 * r.metrics['accuracy']:.2f}%" for r in runs)
+        timed("finetune", finetune)
+    if "report" in stages:
+        def report():
+            from .report import build_report
+
+            return "done", str(build_report(study))
+        timed("report", report)
+    return out
+
+
+def format_summary(rows: list[StageSummary], study: Path) -> str:
+    lines = [f"study {study}:"]
+    for r in rows:
+        lines.append(f"  {r.stage:<9} {r.status:<8} {r.seconds:7.1f}s  {r.detail}")
+    return "\n".join(lines)

@@ -1,0 +1,184 @@
+"""`lifelog-ray predict`: label new lifelog images with a study's best pipeline, streamed through Ray Data.
+
+Approach 1 pipelines (backbone tap -> PCA -> classifier) and fine-tuned models (Approach 2) both work.
+Output: Parquet partitioned by day (`day=YYYY-MM-DD/`), one row per input image, bounded memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .backbones import BackboneSpec, FeatureExtractor, resolve_weights
+from .config import StudyConfig
+from .errors import LifelogError
+from .images import decode_batch
+from .ingest import _derive_image_id, _scan_images, day_of, timestamp_from_exif, timestamp_from_name
+
+log = logging.getLogger(__name__)
+
+
+def list_images(source: str, extensions: tuple[str, ...]) -> pd.DataFrame:
+    """A folder (scanned recursively), a manifest Parquet, or a CSV with a `path` column."""
+    p = Path(source)
+    if p.is_dir():
+        rels = _scan_images(p, extensions)
+        df = pd.DataFrame({"path": [str((p / r).resolve()) for r in rels], "rel": rels})
+    elif p.suffix == ".parquet":
+        df = pd.read_parquet(p)
+        df["rel"] = df["path"].map(lambda x: Path(x).name)
+    elif p.suffix == ".csv":
+        df = pd.read_csv(p, dtype=str)
+        if "path" not in df:
+            raise LifelogError(f"{p}: needs a 'path' column")
+        df["rel"] = df["path"]
+        df["path"] = [str((p.parent / x).resolve()) if not Path(x).is_absolute() else x for x in df["path"]]
+    else:
+        raise LifelogError(f"--images {source}: expected a folder, a manifest .parquet or a .csv of paths")
+    if df.empty:
+        raise LifelogError(f"--images {source}: no images found")
+    if "image_id" not in df:
+        df["image_id"] = [_derive_image_id(r, "lsc") for r in df["rel"]]
+    if "timestamp" not in df:
+        ts = [timestamp_from_name(r) or timestamp_from_exif(Path(x)) for r, x in zip(df["rel"], df["path"])]
+        df["timestamp"] = pd.to_datetime(pd.Series(ts, dtype=object), errors="coerce")
+        df["day"] = [day_of(t, r) for t, r in zip(ts, df["rel"])]
+    return df[["image_id", "path", "timestamp", "day"]]
+
+
+@dataclass
+class Choice:
+    approach: int
+    model: str
+    variant: str  # "layer/classifier" or the fine-tuning method
+    accuracy: float
+
+
+def choose_pipeline(study: Path, which: str) -> Choice:
+    """`auto`: the best test accuracy over both approaches; `approach1` / `approach2`; or `model/layer/clf`."""
+    cands: list[Choice] = []
+    if (study / "classify" / "results.parquet").exists():
+        r = pd.read_parquet(study / "classify" / "results.parquet")
+        cands += [Choice(1, x.model, f"{x.layer}/{x.classifier}", x.accuracy) for x in r.itertuples()]
+    if (study / "finetune" / "results.parquet").exists():
+        r = pd.read_parquet(study / "finetune" / "results.parquet")
+        cands += [Choice(2, x.model, x.method, x.accuracy) for x in r.itertuples()]
+    if which.count("/") == 2:
+        m, la, c = which.split("/")
+        return Choice(1, m, f"{la}/{c}", float("nan"))
+    if which in ("approach1", "approach2"):
+        cands = [c for c in cands if c.approach == int(which[-1])]
+    elif which != "auto":
+        raise LifelogError(f"--pipeline {which!r}: use auto, approach1, approach2 or MODEL/LAYER/CLASSIFIER")
+    if not cands:
+        raise LifelogError(f"{study}: no trained pipeline for --pipeline {which} (run classify / finetune first)")
+    return max(cands, key=lambda c: c.accuracy)
+
+
+class PipelineClassifier:
+    """Approach 1 head: a saved PCA + classifier applied to one tap's features."""
+
+    def __init__(self, study: str, model: str, layer: str, classifier: str) -> None:
+        from .classify.study import load_pipeline
+
+        self.pipe = load_pipeline(study, model, layer, classifier)
+        self.layer = layer
+        self.classes = self.pipe.meta["classes"]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feats = batch.pop(f"feat__{self.layer}")
+        return _label(batch, self.pipe.predict_proba(feats), self.classes)
+
+
+class FinetunedClassifier:
+    """Approach 2: the exported fine-tuned Keras model (saved by tf-keras inside Ray Train)."""
+
+    def __init__(self, model_path: str, model_name: str, classes: list[str]) -> None:
+        import tensorflow as tf
+
+        from .backbones import legacy_keras_module
+
+        self.keras = legacy_keras_module()  # the Keras that wrote it (see finetune)
+        self.model = self.keras.models.load_model(model_path, compile=False)
+        self.tf = tf
+        self.model_name = model_name
+        self.classes = classes
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .backbones import preprocess
+
+        ok = np.asarray(batch["error"]) == ""
+        probs = np.zeros((len(ok), len(self.classes)), dtype=np.float32)
+        if ok.any():
+            x = preprocess(self.keras, self.model_name, self.tf.cast(batch["image"][ok], self.tf.float32))
+            probs[ok] = np.asarray(self.model.predict_on_batch(x))
+        batch.pop("image")
+        return _label(batch, probs, self.classes)
+
+
+def _label(batch: dict[str, np.ndarray], probs: np.ndarray, classes: list[str]) -> dict[str, np.ndarray]:
+    ok = np.asarray(batch["error"]) == ""
+    best = np.argmax(probs, axis=1)
+    out = {k: batch[k] for k in ("image_id", "path", "timestamp", "day", "error")}
+    out["predicted_label"] = np.where(ok, np.asarray(classes, dtype=object)[best], None).astype(object)
+    out["confidence"] = np.where(ok, probs[np.arange(len(best)), best], np.nan).astype(np.float32)
+    for i, c in enumerate(classes):
+        out[f"prob__{c}"] = np.where(ok, probs[:, i], np.nan).astype(np.float32)
+    return out
+
+
+def run_predict(cfg: StudyConfig, images: str, which: str = "auto", name: str | None = None) -> tuple[Path, int, int]:
+    import ray
+
+    from .runtime import cluster_resources, ensure_ray
+
+    study = cfg.study_dir
+    choice = choose_pipeline(study, which)
+    rows = list_images(images, cfg.data.extensions)
+    rows["timestamp"] = rows["timestamp"].astype(str)
+    out = study / "predictions" / (name or Path(images).stem)
+    e = cfg.extract
+    if choice.approach == 1:
+        layer, clf = choice.variant.split("/")
+        sig = json.loads((study / "features" / choice.model / "_extract.json").read_text("utf-8"))
+        spec = BackboneSpec(choice.model, (layer,), sig["weights"], sig["image_size"], sig["seed"], sig["precision"])
+        size = spec.image_size
+        weights = resolve_weights(spec)  # before Ray: a weights problem fails fast
+    else:
+        meta = json.loads((study / "finetune" / choice.model / choice.variant / "metrics.json").read_text("utf-8"))
+        size = meta["image_size"]
+    ensure_ray(cfg.ray)
+    _, gpus = cluster_resources()
+    t0 = time.perf_counter()
+    step = 4 * e.batch_size
+    ds = ray.data.from_pandas([rows.iloc[i: i + step] for i in range(0, len(rows), step)])
+    ds = ds.map_batches(decode_batch, fn_kwargs={"size": size, "max_pixels": e.max_image_pixels},
+                        batch_size=e.batch_size, num_cpus=0.5, batch_format="numpy")
+    n_actors = e.num_actors or max(1, int(gpus) or 1)
+    if choice.approach == 1:
+        ds = ds.map_batches(FeatureExtractor, fn_constructor_kwargs={"spec": spec, "weights": ray.put(weights)},
+                            batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(size=n_actors),
+                            num_gpus=1 if gpus >= 1 else 0, num_cpus=e.cpus_per_actor, batch_format="numpy")
+        ds = ds.map_batches(PipelineClassifier, fn_constructor_kwargs={
+            "study": str(study), "model": choice.model, "layer": layer, "classifier": clf},
+            batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25, batch_format="numpy")
+    else:
+        ds = ds.map_batches(FinetunedClassifier, fn_constructor_kwargs={
+            "model_path": str(study / "finetune" / choice.model / choice.variant / "model.keras"),
+            "model_name": choice.model, "classes": meta["classes"]},
+            batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(size=n_actors),
+            num_gpus=1 if gpus >= 1 else 0, num_cpus=e.cpus_per_actor, batch_format="numpy")
+    if out.exists():
+        shutil.rmtree(out)  # the output is a function of the input: a rerun replaces it
+    ds.write_parquet(str(out.resolve()), partition_cols=["day"])
+    (out / "_pipeline.json").write_text(json.dumps(choice.__dict__, default=float, indent=1))
+    n = len(rows)
+    log.info("predicted %d images in %.1fs with %s", n, time.perf_counter() - t0, choice)
+    return out, n, int(time.perf_counter() - t0)

@@ -1,0 +1,213 @@
+"""`lifelog-ray report`: one self-contained offline HTML file (inline CSS, images as data URIs, no requests)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import LifelogError
+from .io import atomic_write_text, read_rejects
+
+log = logging.getLogger(__name__)
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
+h1{font-size:1.6rem}h2{border-bottom:2px solid #ddd;padding-bottom:.3rem;margin-top:2.2rem}
+table{border-collapse:collapse;margin:.6rem 0 1.2rem;font-size:.9rem}
+th,td{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}th{background:#f3f3f3}
+td:first-child,th:first-child,td.l{text-align:left}
+.best{background:#e6f4e6;font-weight:600}.note{color:#666;font-size:.9rem}
+.gallery{display:flex;flex-wrap:wrap;gap:.8rem}.gallery figure{margin:0;width:150px;font-size:.75rem}
+.gallery img{width:150px;height:112px;object-fit:cover;border:1px solid #ccc}
+.curves img,.cm img{max-width:100%}pre{background:#f7f7f7;padding:1rem;overflow:auto;font-size:.8rem}
+.warn{background:#fff4e0;border:1px solid #f0c070;padding:.6rem 1rem}
+"""
+
+
+def _e(x: object) -> str:
+    return html.escape(str(x))
+
+
+def _png_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def _table(df: pd.DataFrame, highlight_max: list[str] | None = None, fmt: str = "{:.2f}") -> str:
+    cols = list(df.columns)
+    best = {c: df[c].max() for c in (highlight_max or []) if c in df and df[c].notna().any()}
+    out = ["<table><thead><tr>" + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr></thead><tbody>"]
+    for _, r in df.iterrows():
+        cells = []
+        for c in cols:
+            v = r[c]
+            text = fmt.format(v) if isinstance(v, (float, np.floating)) and not pd.isna(v) else ("—" if pd.isna(v) else v)
+            cls = ' class="best"' if c in best and v == best[c] else ""
+            cells.append(f"<td{cls}>{_e(text)}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    return "".join(out) + "</tbody></table>"
+
+
+def _confusion_png(cm: pd.DataFrame, title: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(cm)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * n, 1.0 + 0.5 * n))
+    ax.imshow(cm.to_numpy(), cmap="Blues")
+    ax.set_xticks(range(n), cm.columns, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(n), cm.index, fontsize=7)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, int(cm.iat[i, j]), ha="center", va="center", fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return _png_uri(buf.getvalue())
+
+
+def _thumb(path: str) -> str | None:
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            im.thumbnail((300, 225))
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=80)
+            return _png_uri(buf.getvalue(), "image/jpeg")
+    except Exception:  # noqa: BLE001 - a thumbnail that fails is left out, the row stays in the table
+        return None
+
+
+def _gallery(preds: pd.DataFrame, manifest: pd.DataFrame, limit: int) -> str:
+    wrong = preds[preds["true"] != preds["pred"]].head(limit)
+    if wrong.empty:
+        return "<p class='note'>No misclassified test images.</p>"
+    paths = manifest.set_index("image_id")["path"]
+    figs = []
+    for _, r in wrong.iterrows():
+        uri = _thumb(paths.get(r["image_id"], ""))
+        img = f"<img alt='{_e(r['image_id'])}' src='{uri}'>" if uri else "<div class='note'>(unreadable)</div>"
+        figs.append(f"<figure>{img}<figcaption><b>true:</b> {_e(r['true'])}<br><b>predicted:</b> "
+                    f"{_e(r['pred'])}<br><span class='note'>{_e(r['image_id'])}</span></figcaption></figure>")
+    return f"<div class='gallery'>{''.join(figs)}</div>"
+
+
+def build_report(study: str | Path, gallery_size: int = 24) -> Path:
+    study = Path(study)
+    if not (study / "manifest.parquet").exists():
+        raise LifelogError(f"{study}: not a study directory (no manifest.parquet)")
+    manifest = pd.read_parquet(study / "manifest.parquet")
+    parts = [f"<h1>Lifelog activity study: {_e(study.name)}</h1>",
+             f"<p class='note'>Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by lifelog-ray from "
+             f"{_e(study.resolve())}.</p>"]
+    cfg_text = (study / "config.yaml").read_text("utf-8") if (study / "config.yaml").exists() else ""
+    if "weights: none" in cfg_text:
+        parts.append("<p class='warn'>This study used randomly initialised backbones (<code>weights: none</code>), "
+                     "not ImageNet weights: the figures test the pipeline, not the paper's transfer learning.</p>")
+
+    # Dataset: Table 2 and the accounting.
+    parts.append("<h2 id='dataset'>Dataset (Table 2)</h2>")
+    if (study / "categories.csv").exists():
+        parts.append(_table(pd.read_csv(study / "categories.csv")))
+    rej = read_rejects(study)
+    if len(rej):
+        counts = rej.groupby(["stage", "reason"]).size().reset_index(name="images")
+        parts.append("<p>Rejected inputs (every input row is in the manifest or here):</p>" + _table(counts))
+
+    # Approach 1.
+    cls_dir = study / "classify"
+    best_rows = []
+    if (cls_dir / "results.parquet").exists():
+        from .classify.study import TABLE_BLOCKS, _order_layers
+
+        res = pd.read_parquet(cls_dir / "results.parquet")
+        parts.append("<h2 id='table3'>Approach 1: pre-trained features + classifiers (Table 3)</h2>")
+        parts.append("<p class='note'>Test split, percent; precision, recall and F1 are macro averages. "
+                     "Each cell is the classifier's best grid point on the validation split.</p>")
+        for title, col in TABLE_BLOCKS:
+            wide = res.pivot_table(index=["model", "layer"], columns="classifier", values=col).reset_index()
+            wide["order"] = wide["layer"].map({la: i for i, la in enumerate(_order_layers(list(wide["layer"])))})
+            wide = wide.sort_values(["model", "order"]).drop(columns="order")
+            clf_cols = [c for c in wide.columns if c not in ("model", "layer")]
+            wide[clf_cols] = wide[clf_cols] * 100
+            parts.append(f"<h3>{_e(title)}</h3>" + _table(wide, highlight_max=clf_cols))
+        b = res.sort_values("accuracy", ascending=False).iloc[0]
+        best_rows.append({"approach": "1 (features + classifier)", "model": b["model"],
+                          "variant": f"{b['layer']} + {b['classifier']}", "accuracy": 100 * b["accuracy"],
+                          "f1_macro": 100 * b["f1_macro"]})
+        tag = f"{b['model']}__{b['layer']}__{b['classifier']}"
+        cm_path = cls_dir / "confusion" / f"{tag}.csv"
+        if cm_path.exists():
+            parts.append(f"<h3>Confusion matrix of the best pipeline ({_e(tag.replace('__', ' / '))})</h3>"
+                         f"<div class='cm'><img alt='confusion {tag}' src='{_confusion_png(pd.read_csv(cm_path, index_col=0), tag)}'></div>")
+        if (cls_dir / "predictions.parquet").exists():
+            preds = pd.read_parquet(cls_dir / "predictions.parquet")
+            preds = preds[(preds["model"] == b["model"]) & (preds["layer"] == b["layer"])
+                          & (preds["classifier"] == b["classifier"])]
+            parts.append("<h3 id='misclassified'>Misclassified test images (Figure 3)</h3>" +
+                         _gallery(preds, manifest, gallery_size))
+
+    # Approach 2.
+    ft_dir = study / "finetune"
+    if (ft_dir / "results.parquet").exists():
+        ft = pd.read_parquet(ft_dir / "results.parquet")
+        parts.append("<h2 id='table4'>Approach 2: fine-tuning (Table 4)</h2>")
+        t4 = ft[["model", "method", "accuracy", "precision_macro", "recall_macro", "f1_macro", "epochs", "best_epoch"]].copy()
+        t4["method"] = t4["method"].str.upper()
+        for c in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
+            t4[c] = 100 * t4[c]
+        parts.append(_table(t4, highlight_max=["accuracy", "f1_macro"]))
+        b = ft.sort_values("accuracy", ascending=False).iloc[0]
+        best_rows.append({"approach": "2 (fine-tuning)", "model": b["model"], "variant": b["method"].upper(),
+                          "accuracy": 100 * b["accuracy"], "f1_macro": 100 * b["f1_macro"]})
+        parts.append("<h3 id='curves'>Learning curves (Figure 2)</h3><div class='curves'>")
+        for _, r in ft.iterrows():
+            png = ft_dir / r["model"] / r["method"] / "learning_curves.png"
+            if png.exists():
+                parts.append(f"<img alt='learning curves {r['model']} {r['method']}' src='{_png_uri(png.read_bytes())}'>")
+        parts.append("</div>")
+        for _, r in ft.iterrows():
+            cm_path = ft_dir / r["model"] / r["method"] / "confusion.csv"
+            if cm_path.exists():
+                title = f"{r['model']} {r['method'].upper()}"
+                parts.append(f"<div class='cm'><img alt='confusion {title}' "
+                             f"src='{_confusion_png(pd.read_csv(cm_path, index_col=0), title)}'></div>")
+
+    if best_rows:
+        parts.insert(3, "<h2 id='best'>Best model per approach</h2>" + _table(pd.DataFrame(best_rows)))
+        comp = []
+        if (cls_dir / "results.parquet").exists():
+            r1 = pd.read_parquet(cls_dir / "results.parquet").groupby("model")["accuracy"].max()
+            comp += [{"approach": "1", "model": m, "best accuracy": 100 * v} for m, v in r1.items()]
+        if (ft_dir / "results.parquet").exists():
+            r2 = pd.read_parquet(ft_dir / "results.parquet").groupby("model")["accuracy"].max()
+            comp += [{"approach": "2", "model": m, "best accuracy": 100 * v} for m, v in r2.items()]
+        parts.append("<h2 id='vgg16-vs-vgg19'>VGG16 vs VGG19</h2>" + _table(pd.DataFrame(comp)))
+
+    for extra in ("audit", "curve"):
+        frag = study / extra / "section.html"
+        if frag.exists():
+            parts.append(frag.read_text("utf-8"))
+    if cfg_text:
+        parts.append(f"<h2 id='config'>Resolved config</h2><pre>{_e(cfg_text)}</pre>")
+    doc = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>lifelog-ray report: {_e(study.name)}"
+           f"</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
+    out = study / "report" / "index.html"
+    atomic_write_text(doc, out)
+    (study / "report" / "summary.json").write_text(json.dumps(best_rows, indent=1, default=float))
+    return out

@@ -1,0 +1,95 @@
+"""Fine-tuning: each method trains exactly its layers; Ray Train runs write history/tables, resume, scale to 2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lifelog_ray.backbones import BackboneSpec
+from lifelog_ray.config import load_config
+from lifelog_ray.finetune import FAULT_ENV, build_method_model, run_finetune
+from lifelog_ray.ingest import build_manifest
+
+SIZE = 32
+
+
+@pytest.mark.parametrize("method,trained", [
+    ("m1", {"predictions_lifelog"}),
+    ("m2", {"block5_conv2", "block5_conv3", "block5_conv4", "fc1", "fc2", "predictions_lifelog"}),
+    ("m3", {"fc_lifelog", "predictions_lifelog"}),
+])
+def test_each_method_trains_exactly_its_layers(method, trained):
+    from lifelog_ray.backbones import legacy_keras_module
+
+    keras = legacy_keras_module()  # what the Ray Train workers train with
+    keras.utils.set_random_seed(0)
+    spec = BackboneSpec("vgg19", ("fc2",), "none", SIZE)
+    model = build_method_model(keras, spec, method, 4, None, m2_trainable_layers=8, m3_units=16)
+    with_weights = {layer.name for layer in model.layers if layer.trainable_weights}
+    assert with_weights == trained
+    assert model.output_shape == (None, 4)
+    before = {w.name: w.numpy().copy() for w in model.weights}
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1), loss="sparse_categorical_crossentropy")
+    x = np.random.default_rng(0).normal(0, 50, (8, SIZE, SIZE, 3)).astype("float32")
+    model.fit(x, np.arange(8) % 4, epochs=2, batch_size=8, verbose=0)
+    trainable = {w.name for w in model.trainable_weights}
+    for w in model.weights:
+        changed = not np.array_equal(before[w.name], w.numpy())
+        if w.name in trainable and w.name.endswith("kernel"):
+            assert changed, f"{method}: {w.name} should train"
+        if w.name not in trainable:
+            assert not changed, f"{method}: {w.name} should stay frozen"
+
+
+@pytest.fixture()
+def small_study(tmp_path, sample_lifelog):
+    return load_config(None, {
+        "data.root": str(sample_lifelog), "data.labels": str(sample_lifelog / "labels.csv"),
+        "data.top_k": 4, "output.study": str(tmp_path / "study"), "finetune.weights": "none",
+        "finetune.image_size": SIZE, "finetune.batch_size": 16, "finetune.m3_units": 32,
+        "finetune.patience": 5, "ray.progress_bars": False,
+    })
+
+
+def test_interrupted_run_resumes_from_checkpoint(small_study, ray_local, monkeypatch):
+    cfg = small_study.model_copy(deep=True)
+    cfg.finetune.methods = ["m3"]
+    cfg.finetune.epochs = 2
+    cfg.finetune.max_failures = 0
+    build_manifest(cfg)
+    monkeypatch.setenv(FAULT_ENV, "1")
+    with pytest.raises(Exception, match="injected fault"):
+        run_finetune(cfg)
+    monkeypatch.delenv(FAULT_ENV)
+    (run,) = run_finetune(cfg)
+    assert run.resumed_at == [1] and run.epochs == 2 and not run.skipped
+    out = cfg.study_dir / "finetune"
+    hist = pd.read_csv(out / "vgg19" / "m3" / "history.csv")
+    assert hist["epoch"].tolist() == [1, 2]
+    assert {"accuracy", "val_accuracy", "loss", "val_loss"} <= set(hist.columns)
+    assert (out / "vgg19" / "m3" / "learning_curves.png").stat().st_size > 1000
+    assert (out / "vgg19" / "m3" / "model.keras").exists()
+    t4 = pd.read_csv(out / "table4.csv")
+    assert list(t4.columns) == ["model", "method", "accuracy", "precision_macro", "recall_macro", "f1_macro"]
+    assert "| vgg19 | M3 |" in (out / "table4.md").read_text()
+    metrics = json.loads((out / "vgg19" / "m3" / "metrics.json").read_text())
+    n_test = int((pd.read_parquet(cfg.study_dir / "manifest.parquet")["split"] == "test").sum())
+    assert n_test - 3 <= np.array(metrics["report"]["confusion"]).sum() <= n_test  # minus undecodable files
+    (again,) = run_finetune(cfg)  # complete and current: skipped
+    assert again.skipped
+
+
+def test_worker_failure_is_retried_within_the_run_and_two_workers(small_study, ray_local, monkeypatch):
+    cfg = small_study.model_copy(deep=True)
+    cfg.finetune.methods = ["m1"]
+    cfg.finetune.epochs = 2
+    cfg.finetune.workers = 2
+    cfg.finetune.cpus_per_worker = 0.5  # two workers on 2 cores, with room left for decoding
+    cfg.finetune.max_failures = 1
+    build_manifest(cfg)
+    monkeypatch.setenv(FAULT_ENV, "1")
+    (run,) = run_finetune(cfg)
+    assert run.resumed_at == [1] and run.epochs == 2

@@ -1,0 +1,102 @@
+"""The whole study as users run it: `run` end to end, the offline HTML report, `predict` on a new day."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lifelog_ray.config import load_config
+from lifelog_ray.pipeline import run_study
+from lifelog_ray.predict import run_predict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def study_config(root: Path, study: Path):
+    return load_config(None, {
+        "data.root": str(root), "data.labels": str(root / "labels.csv"), "data.top_k": 5,
+        "output.study": str(study), "extract.weights": "none", "extract.image_size": 32,
+        "extract.layers": "fc2,predictions", "extract.batch_size": 16,
+        "classify.search_space": str(ROOT / "jobs" / "configs" / "search_space_small.yaml"),
+        "classify.classifiers": "svm,naive_bayes,bayesian_ridge", "finetune.methods": "m3",
+        "finetune.weights": "none", "finetune.image_size": 32, "finetune.epochs": 1, "finetune.m3_units": 16,
+        "ray.progress_bars": False,
+    })
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, sample_lifelog, ray_local):
+    study = tmp_path_factory.mktemp("study") / "s"
+    cfg = study_config(sample_lifelog, study)
+    rows = run_study(cfg)
+    return cfg, rows
+
+
+def test_run_executes_every_stage_then_skips_them(study):
+    cfg, rows = study
+    assert [r.stage for r in rows] == ["manifest", "extract", "classify", "finetune", "report"]
+    assert all(r.status == "done" for r in rows), rows
+    again = {r.stage: r.status for r in run_study(cfg)}
+    assert again["extract"] == again["classify"] == again["finetune"] == "skipped"
+    s = cfg.study_dir
+    for f in ("manifest.parquet", "rejects.parquet", "categories.csv", "classify/table3.md",
+              "finetune/table4.csv", "report/index.html", "config.yaml"):
+        assert (s / f).exists(), f
+
+
+def test_report_is_self_contained_with_tables_and_images(study):
+    cfg, _ = study
+    html = (cfg.study_dir / "report" / "index.html").read_text()
+    for anchor in ("id='dataset'", "id='table3'", "id='table4'", "id='best'", "id='curves'", "id='misclassified'",
+                   "id='vgg16-vs-vgg19'", "id='config'"):
+        assert anchor in html, anchor
+    assert "weights: none" in html and "randomly initialised" in html
+    srcs = re.findall(r"src='([^']*)'", html)
+    assert srcs and all(s.startswith("data:image/") for s in srcs)  # nothing fetched over the network
+    assert not re.search(r"(href|src)=['\"]?https?://", html)
+    assert html.count("<table>") >= 7
+
+
+def test_report_renders_in_headless_chromium(study, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("chromium is not installed (.ci/run installs it)")
+    cfg, _ = study
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2400",
+                    f"--screenshot={shot}", (cfg.study_dir / "report" / "index.html").as_uri()],
+                   check=True, timeout=120, capture_output=True)
+    from PIL import Image
+
+    im = Image.open(shot).convert("L")
+    assert im.size == (1280, 2400)
+    hist = im.histogram()
+    assert sum(hist[:200]) > 0.02 * im.size[0] * im.size[1]  # text, tables and images drawn, not a blank page
+
+
+def test_predict_labels_a_new_day_partitioned_by_day(study, tmp_path):
+    cfg, _ = study
+    from lifelog_ray.sample import write_sample
+
+    new = tmp_path / "newdays"
+    write_sample(new, seed=9, days=2, images_per_day=6, image_size=(96, 72))
+    (new / "labels.csv").unlink()
+    out, n, _ = run_predict(cfg, str(new), "approach1", "new")
+    df = pd.read_parquet(out)
+    assert len(df) == n == 12 + 3  # 12 drawn images + the sample's 3 broken files
+    assert df["image_id"].is_unique
+    ok = df[df["error"] == ""]
+    assert len(ok) == 12 and ok["predicted_label"].notna().all()
+    probs = ok[[c for c in df.columns if c.startswith("prob__")]]
+    assert ((probs.sum(axis=1) - 1).abs() < 1e-3).all()
+    assert set(df["error"]) - {""} <= {"empty_file", "truncated", "not_an_image"}
+    assert sorted(p.name for p in out.glob("day=*")) == ["day=2016-08-15", "day=2016-08-16"]
+    out2, _, _ = run_predict(cfg, str(new), "approach2", "new-ft")  # the fine-tuned model too
+    assert pd.read_parquet(out2)["predicted_label"].notna().sum() == 12

@@ -1,0 +1,66 @@
+"""`ray start --head` + `ray job submit jobs/study.py`: the cluster path users take, end to end on one machine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_study import study_config
+
+from lifelog_ray.config import config_to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_submit_study_job_to_a_local_head(tmp_path, sample_lifelog):
+    gcs, dash = free_port(), free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
+         f"--ray-client-server-port={free_port()}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 120
+        while True:  # wait for the job API to answer
+            ok = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
+                                capture_output=True, timeout=60).returncode == 0
+            if ok:
+                break
+            assert time.time() < deadline, "Ray head did not come up"
+            time.sleep(3)
+        study = tmp_path / "study"
+        cfg_file = tmp_path / "job.yaml"
+        cfg_file.write_text(config_to_yaml(study_config(sample_lifelog, study)))
+        sub = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", "lifelog-test",
+             "--working-dir", str(ROOT), "--", "python", "jobs/study.py", "--config", str(cfg_file)],
+            env=env, capture_output=True, text=True, timeout=900)
+        status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, "lifelog-test"],
+                                env=env, capture_output=True, text=True, timeout=60).stdout
+        assert "SUCCEEDED" in status, sub.stdout[-4000:] + sub.stderr[-2000:]
+        assert "study" in sub.stdout and "report" in sub.stdout
+        for f in ("manifest.parquet", "classify/results.parquet", "finetune/table4.md", "report/index.html"):
+            assert (study / f).exists(), f
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` takes its cluster down with it
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)

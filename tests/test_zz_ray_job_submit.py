@@ -28,7 +28,8 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_submit_study_job_to_a_local_head(tmp_path, sample_lifelog):
     gcs, dash = free_port(), free_port()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_ADDRESS": ""}
+    # Ray 2.60 starts local clusters with token auth; clients send ~/.ray/auth_token only in token mode.
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS")
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
@@ -52,9 +53,10 @@ def test_submit_study_job_to_a_local_head(tmp_path, sample_lifelog):
             [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", "lifelog-test",
              "--working-dir", str(ROOT), "--", "python", "jobs/study.py", "--config", str(cfg_file)],
             env=env, capture_output=True, text=True, timeout=900)
-        status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, "lifelog-test"],
-                                env=env, capture_output=True, text=True, timeout=60).stdout
-        assert "SUCCEEDED" in status, sub.stdout[-4000:] + sub.stderr[-2000:]
+        st = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, "lifelog-test"],
+                            env=env, capture_output=True, text=True, timeout=60)
+        status = st.stdout + st.stderr
+        assert "Job 'lifelog-test' succeeded" in status, sub.stdout[-4000:] + sub.stderr[-2000:]
         assert "study" in sub.stdout and "report" in sub.stdout
         for f in ("manifest.parquet", "classify/results.parquet", "finetune/table4.md", "report/index.html"):
             assert (study / f).exists(), f

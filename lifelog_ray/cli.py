@@ -136,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
         _add_flags(p, flags)
         if name == "run":
             p.add_argument("--stages", help="comma list of stages to run (default: all)")
+        if name == "audit":
+            p.add_argument("--folds", type=int, default=5)
+            p.add_argument("--model")
+            p.add_argument("--layer")
+            p.add_argument("--classifier")
+            p.add_argument("--top", type=int, default=20, help="suspects to print")
+        if name == "curve":
+            p.add_argument("--fractions", default="0.05,0.1,0.25,0.5,1.0")
+            p.add_argument("--seeds", type=int, default=3)
         if name == "predict":
             p.add_argument("--images", required=True, help="a folder of new images, a manifest .parquet or a .csv")
             p.add_argument("--pipeline", default="auto", help="auto | approach1 | approach2 | MODEL/LAYER/CLASSIFIER")
@@ -156,5 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run through the package, so the stage commands register in one module
+    from lifelog_ray.cli import main as _main
+
+    sys.exit(_main())

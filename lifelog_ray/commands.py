@@ -91,3 +91,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 register("predict", "label new lifelog images with the study's best pipeline", [], cmd_predict)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import run_audit
+
+    cfg = _cfg(args, [])
+    out = run_audit(cfg, args.folds, args.model, args.layer, args.classifier)
+    print(out.head(args.top)[["rank", "image_id", "given_label", "suggested_label", "score"]].to_string(index=False))
+    print(f"audit: {int(out['is_issue'].sum())} of {len(out)} labels flagged -> {cfg.study_dir / 'audit'}")
+    return 0
+
+
+def cmd_curve(args: argparse.Namespace) -> int:
+    from .audit import run_curve
+
+    cfg = _cfg(args, [])
+    fractions = [float(x) for x in args.fractions.split(",")]
+    print(run_curve(cfg, fractions, args.seeds).to_string(index=False))
+    print(f"curve -> {cfg.study_dir / 'curve'}")
+    return 0
+
+
+register("audit", "rank likely mislabelled images (out-of-fold probabilities + cleanlab)", [], cmd_audit)
+register("curve", "test score against the amount of training data (a Ray Tune grid)", [], cmd_curve)

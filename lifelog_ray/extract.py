@@ -104,6 +104,8 @@ class ExtractSummary:
     rejected: int
     skipped: int
     seconds: float
+    first_output_s: float = 0.0  # time to the first written unit part: actor start-up and model build
+    first_output_rows: int = 0
 
     @property
     def images_per_s(self) -> float:
@@ -245,7 +247,11 @@ def extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | None
         seen: dict[str, int] = {}
         parts: dict[str, list[str]] = {}
         rejects: dict[str, list[dict]] = {}
+        first_s, first_rows = 0.0, 0
         for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+            if not first_s:
+                first_s = time.perf_counter() - t0
+                first_rows = int(batch["n_ok"].sum()) + sum(len(json.loads(r)) for r in batch["rejects"])
             for row in batch.itertuples(index=False):
                 rej = json.loads(row.rejects)
                 seen[row.unit] = seen.get(row.unit, 0) + int(row.n_ok) + len(rej)
@@ -261,6 +267,8 @@ def extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | None
         if incomplete:
             raise LifelogError(f"extract {model}: {len(incomplete)} unit(s) incomplete; rerun the same command to resume")
     summary = ExtractSummary(model, model_dir, n_ok, n_bad, skipped, time.perf_counter() - t0)
+    if len(pending):
+        summary.first_output_s, summary.first_output_rows = first_s, first_rows
     return summary
 
 

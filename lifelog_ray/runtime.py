@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import tempfile
+from pathlib import Path
 
 from .config import RayConfig
 
@@ -13,19 +16,33 @@ log = logging.getLogger(__name__)
 WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
 
 
+def running_local_cluster() -> str | None:
+    """The GCS address of a cluster started here with `ray start`, if it still answers."""
+    path = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray" / "ray_current_cluster"
+    try:
+        address = path.read_text().strip()
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=2):
+            return address
+    except (OSError, ValueError):
+        return None  # none, or a stale entry left by a head that died: start our own
+
+
 def ensure_ray(cfg: RayConfig | None = None) -> None:
-    """Use an initialised Ray as is; else `cfg.address` / RAY_ADDRESS; else a new local Ray."""
+    """Use an initialised Ray as is; else `cfg.address` / RAY_ADDRESS (a job's cluster); else a running
+    local cluster (`ray start --head`); else a new local Ray for this process."""
     import ray
 
     cfg = cfg or RayConfig()
     if not ray.is_initialized():
-        address = cfg.address or os.environ.get("RAY_ADDRESS")
+        address = cfg.address or os.environ.get("RAY_ADDRESS") or running_local_cluster()
         kwargs = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": True}
         if address:
             log.info("connecting to Ray at %s", address)
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, **kwargs)
+            ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False,
+                     **kwargs)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

@@ -66,3 +66,6 @@ def test_submit_study_job_to_a_local_head(tmp_path, sample_lifelog):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        current = Path("/tmp/ray/ray_current_cluster")  # what `ray stop` would clear; ours only
+        if current.exists() and current.read_text().strip().endswith(f":{gcs}"):
+            current.unlink()

@@ -49,6 +49,11 @@ class BayesianRidgeClassifier(ClassifierMixin, BaseEstimator):
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes_[np.argmax(self.decision_function(X), axis=1)]
 
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Per-class regression outputs clipped at a small floor and normalised to sum to one."""
+        d = np.clip(self.decision_function(X), 1e-6, None)
+        return d / d.sum(axis=1, keepdims=True)
+
 
 @dataclass
 class ClassifierSpec:

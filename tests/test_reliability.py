@@ -1,0 +1,125 @@
+"""Faults during long runs: a killed model actor, a killed driver, a failed write. Nothing lost, nothing twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+from test_extract import LAYERS, cfg, make_study
+
+from lifelog_ray.extract import accounting, read_features, run_extract
+from lifelog_ray.ingest import build_manifest
+from lifelog_ray.io import atomic_write_table
+
+
+def _check_exactly_once(study: Path, layers=LAYERS) -> None:
+    for layer, a in accounting(study, "vgg19", list(layers)).items():
+        assert a["features"] == a["unique"], f"{layer}: an image written twice"
+        assert a["manifest"] == a["features"] + a["rejects"], f"{layer}: an image lost"
+
+
+def test_model_actor_killed_mid_extraction(tmp_path, ray_local):
+    import psutil
+    import ray
+
+    root, _ = make_study(tmp_path, n_per_class=20)
+    c = cfg(tmp_path, root, unit_size=8, batch_size=4)
+    build_manifest(c)
+    killed: list[int] = []
+
+    def killer():  # Ray titles actor processes "ray::MapWorker(MapBatches(FeatureExtractor))..."
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            for p in psutil.process_iter(["pid", "cmdline"]):
+                if "FeatureExtractor" in " ".join(p.info["cmdline"] or []):
+                    time.sleep(4.0)  # let it build the model and process a few batches first
+                    os.kill(p.info["pid"], signal.SIGKILL)
+                    killed.append(p.info["pid"])
+                    return
+            time.sleep(0.3)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    (summary,) = run_extract(c)
+    t.join()
+    assert killed, "the model actor was never seen alive"
+    assert summary.processed == 60
+    _check_exactly_once(tmp_path / "study")
+    assert ray.is_initialized()
+
+
+def test_driver_killed_then_rerun_resumes_with_less_work(tmp_path, sample_lifelog):
+    study = tmp_path / "study"
+    cli = [sys.executable, "-m", "lifelog_ray"]
+    base = ["--study", str(study), "--log-level", "WARNING"]
+    subprocess.run(cli + ["manifest", "--root", str(sample_lifelog), "--labels", str(sample_lifelog / "labels.csv"),
+                          "--top-k", "5"] + base, check=True, capture_output=True, timeout=120)
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    extract = cli + ["extract", "--weights", "none", "--image-size", "32", "--layers", "fc2,predictions",
+                     "--batch-size", "4"] + base
+    cfg_file = tmp_path / "small_units.yaml"
+    cfg_file.write_text("extract:\n  unit_size: 6\nray:\n  progress_bars: false\n")
+    extract += ["--config", str(cfg_file)]
+    proc = subprocess.Popen(extract, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    units = study / "features" / "vgg19" / "_units"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(units.glob("*.json"))) < 2:
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-run
+    proc.wait()
+    done_before = len(list(units.glob("*.json")))
+    assert done_before >= 2
+    out = subprocess.run(extract, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("extract vgg19:")][0]
+    skipped = int(line.split(" rejected, ")[1].split(" already done")[0])
+    assert skipped > 0  # less work than a fresh run
+    _check_exactly_once(study, ["fc2", "predictions"])
+
+
+def test_interrupted_write_leaves_no_partial_shard(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    table = pa.table({"image_id": ["a", "b"], "features": pa.FixedSizeListArray.from_arrays(
+        pa.array([1.0, 2.0, 3.0, 4.0], pa.float32()), 2)})
+    target = tmp_path / "fc1" / "2016-08" / "unit_p1.parquet"
+    real = pq.write_table
+
+    def dies_midway(t, where, **kw):
+        Path(where).write_bytes(b"PAR1 half a file")  # bytes on disk, then the process "dies"
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pq, "write_table", dies_midway)
+    with pytest.raises(OSError):
+        atomic_write_table(table, target)
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    monkeypatch.setattr(pq, "write_table", real)
+    atomic_write_table(table, target)
+    assert pd.read_parquet(tmp_path / "fc1").shape == (2, 2)
+
+
+def test_huge_but_legal_image_is_processed(tmp_path, ray_local):
+    from PIL import Image
+
+    root, rows = make_study(tmp_path, n_per_class=3)
+    big = root / "2016-08-15" / "20160815_235959_000.jpg"
+    Image.new("RGB", (6000, 4000), (90, 140, 200)).save(big, quality=80)  # 24 MP, under PIL's limit
+    rows.append(("2016-08-15/20160815_235959_000.jpg", "walking"))
+    pd.DataFrame(rows, columns=["image_path", "label"]).to_csv(tmp_path / "labels.csv", index=False)
+    c = cfg(tmp_path, root, layers="predictions")
+    build_manifest(c)
+    (s,) = run_extract(c)
+    assert s.rejected == 0 and s.processed == 10
+    ids = read_features(tmp_path / "study", "vgg19", "predictions", ["image_id"]).column("image_id").to_pylist()
+    assert "20160815_235959_000" in ids

@@ -79,8 +79,9 @@ def _weight_spec(f: FinetuneConfig, model: str, method: str) -> BackboneSpec:
 
 
 def _keep_decoded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    ok = np.asarray(batch["error"]) == ""
-    return {"image": batch["image"][ok], "label": batch["label_idx"][ok].astype(np.int64)}
+    ok = np.asarray(batch["error"]) == ""  # undecodable files are extract rejects already
+    return {"image": batch["image"][ok], "label": batch["label_idx"][ok].astype(np.int64),
+            "image_id": batch["image_id"][ok]}
 
 
 def image_dataset(rows: pd.DataFrame, classes: list[str], size: int, max_pixels: int, batch: int, seed: int,
@@ -203,21 +204,6 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.report({"final": 1.0}, checkpoint=Checkpoint.from_directory(d))
 
 
-def _test_dataset(rows, classes, size, max_pixels, batch):
-    import ray
-
-    rows = rows[["image_id", "path", "label"]].astype(str).copy()
-    rows["label_idx"] = rows["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)
-    ds = ray.data.from_pandas(rows).map_batches(decode_batch, fn_kwargs={"size": size, "max_pixels": max_pixels},
-                                                batch_size=batch, num_cpus=0.5, batch_format="numpy")
-
-    def keep(b):
-        ok = np.asarray(b["error"]) == ""
-        return {"image": b["image"][ok], "label": b["label_idx"][ok], "image_id": b["image_id"][ok]}
-
-    return ds.map_batches(keep, batch_format="numpy")
-
-
 @dataclass
 class FinetuneRun:
     model: str
@@ -282,7 +268,8 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
                          shuffle=(s == "train"))
         for s in ("train", "val")
     }
-    datasets["test"] = _test_dataset(manifest[manifest["split"] == "test"], classes, f.image_size, max_px, f.batch_size)
+    datasets["test"] = image_dataset(manifest[manifest["split"] == "test"], classes, f.image_size, max_px,
+                                     f.batch_size, f.seed, shuffle=False)
     storage = (study / "finetune" / "_ray").resolve()
     trainer = TensorflowTrainer(
         train_loop_per_worker,

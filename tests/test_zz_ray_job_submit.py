@@ -49,15 +49,27 @@ def test_submit_study_job_to_a_local_head(tmp_path, sample_lifelog):
         study = tmp_path / "study"
         cfg_file = tmp_path / "job.yaml"
         cfg_file.write_text(config_to_yaml(study_config(sample_lifelog, study)))
-        sub = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", "lifelog-test",
-             "--working-dir", str(ROOT), "--", "python", "jobs/study.py", "--config", str(cfg_file)],
-            env=env, capture_output=True, text=True, timeout=900)
-        st = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, "lifelog-test"],
-                            env=env, capture_output=True, text=True, timeout=60)
-        status = st.stdout + st.stderr
-        assert "Job 'lifelog-test' succeeded" in status, sub.stdout[-4000:] + sub.stderr[-2000:]
-        assert "study" in sub.stdout and "report" in sub.stdout
+        ray_cmd = [str(BIN / "ray"), "job"]
+        submit = ray_cmd + ["submit", "--address", address, "--submission-id", "lifelog-test", "--no-wait",
+                            "--working-dir", str(ROOT), "--", "python", "jobs/study.py", "--config", str(cfg_file)]
+        for _ in range(40):  # the job agent can come up a little after the dashboard answers
+            sub = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+            if sub.returncode == 0 or "No available agent" not in sub.stdout + sub.stderr:
+                break
+            time.sleep(3)
+        assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            st = subprocess.run(ray_cmd + ["status", "--address", address, "lifelog-test"], env=env,
+                                capture_output=True, text=True, timeout=60)
+            status = (st.stdout + st.stderr).lower()
+            if any(w in status for w in ("succeeded", "failed", "stopped")):
+                break
+            time.sleep(5)
+        logs = subprocess.run(ray_cmd + ["logs", "--address", address, "lifelog-test"], env=env,
+                              capture_output=True, text=True, timeout=120).stdout
+        assert "succeeded" in status, status[-2000:] + logs[-4000:]
+        assert "study" in logs and "report" in logs
         for f in ("manifest.parquet", "classify/results.parquet", "finetune/table4.md", "report/index.html"):
             assert (study / f).exists(), f
     finally:

@@ -112,6 +112,18 @@ def _to_tf(shard, keras, model_name: str, batch: int, shuffle_seed: int | None):
     return ds.with_options(opts)
 
 
+def _inject_fault(epoch: int) -> None:
+    """Test hook: crash the worker early in epoch ``epoch + 1``, as a lost node would.
+
+    The controller registers a checkpoint only once it has polled every rank's report
+    (every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``), so a crash right after ``report``
+    can beat the registration and lose the checkpoint, which no real crash mid-epoch
+    does. Waiting three poll intervals first makes the hook test resumption, not that race.
+    """
+    time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
+    raise RuntimeError(f"injected fault in epoch {epoch + 1}, after epoch {epoch}'s checkpoint ({FAULT_ENV})")
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker (tf-keras, MultiWorkerMirroredStrategy)."""
     import ray
@@ -153,6 +165,8 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(state["epoch"], f.epochs):
         if state["stopped"]:
             break
+        if config.get("fault_after_epoch") == epoch and not state["resumed_at"]:
+            _inject_fault(epoch)
         t0 = time.perf_counter()
         train_tf = _to_tf(train_shard, keras, spec.model, f.batch_size, f.seed + epoch)
         val_tf = _to_tf(val_shard, keras, spec.model, f.batch_size, None)
@@ -178,8 +192,6 @@ def train_loop_per_worker(config: dict) -> None:
                 shutil.copy(best_file, Path(d) / "best.weights.h5")
             (Path(d) / "state.json").write_text(json.dumps(state))
             ray.train.report(m, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
-        if config.get("fault_after_epoch") == epoch + 1 and not state["resumed_at"]:
-            raise RuntimeError(f"injected fault after epoch {epoch + 1} ({FAULT_ENV})")
     if rank != 0:
         # ray.train.report is a barrier across the group: every rank reports, rank 0 with the results.
         ray.train.report({"final": 1.0}, checkpoint=None)

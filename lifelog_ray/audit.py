@@ -9,6 +9,7 @@ the fixed test split, one Ray Tune trial per (fraction, seed).
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ import pandas as pd
 from sklearn.decomposition import PCA
 from sklearn.model_selection import StratifiedKFold
 
-from .classify.data import load_feature_set
+from . import storage
+from .classify.data import load_feature_set, parse_pca
 from .classify.estimators import ClassifierSpec, load_search_space
 from .config import StudyConfig
 from .errors import LifelogError
@@ -42,7 +44,7 @@ def best_approach1(study: Path, model: str | None = None, layer: str | None = No
     path = study / "classify" / "results.parquet"
     if not path.exists():
         raise LifelogError(f"{study}: no classify results; run `lifelog-ray classify` first")
-    r = pd.read_parquet(path)
+    r = storage.read_parquet(path)
     for col, v in (("model", model), ("layer", layer), ("classifier", classifier)):
         if v:
             r = r[r[col] == v]
@@ -75,8 +77,43 @@ def _raw_features(study: Path, model: str, layer: str):
     return fs, X, ids
 
 
+def _fit_and_score(Xtr, ytr, Xte, yte, spec, params, seed, pca) -> dict[str, float]:
+    if pca is not None:
+        p = PCA(n_components=pca, svd_solver="full", random_state=seed).fit(Xtr)
+        Xtr, Xte = p.transform(Xtr), p.transform(Xte)
+    est = spec.build(params, seed=seed, n_jobs=1).fit(Xtr, ytr)
+    return scores(yte, np.asarray(est.predict(Xte)))
+
+
+def rerun_without_suspects(cfg: StudyConfig, fs, ch: Choice, spec: ClassifierSpec, suspects: set[str]) -> pd.DataFrame:
+    """The chosen pipeline refitted on its training images with and without the flagged ones.
+
+    Only training images are dropped; validation and test images and every label stay as they are,
+    so the two rows are scored on the same test split with the same (possibly noisy) labels.
+    """
+    import ray
+
+    parts = ["train", "val"] if cfg.classify.refit_on == "train+val" else ["train"]
+    X = np.concatenate([fs.X[s] for s in parts])
+    y = np.concatenate([fs.y[s] for s in parts])
+    ids = np.concatenate([fs.ids[s] for s in parts])
+    drop = np.isin(ids, list(suspects))
+    pca = parse_pca(cfg.classify.pca)
+    remote = ray.remote(num_cpus=cfg.classify.cpus_per_trial)(_fit_and_score)
+    variants = {"all training images": np.ones(len(y), dtype=bool), "flagged training images removed": ~drop}
+    jobs = {name: remote.remote(X[keep], y[keep], fs.X["test"], fs.y["test"], spec, ch.params, cfg.classify.seed, pca)
+            for name, keep in variants.items()}
+    rows = []
+    for name, keep in variants.items():
+        s = ray.get(jobs[name])
+        rows.append({"variant": name, "n_train": int(keep.sum()), "removed": int((~keep).sum()),
+                     "n_test": len(fs.y["test"]),
+                     **{k: s[k] for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro")}})
+    return pd.DataFrame(rows)
+
+
 def run_audit(cfg: StudyConfig, folds: int = 5, model: str | None = None, layer: str | None = None,
-              classifier: str | None = None) -> pd.DataFrame:
+              classifier: str | None = None, rerun: bool = False) -> pd.DataFrame:
     import ray
     from cleanlab.dataset import rank_classes_by_label_quality
     from cleanlab.filter import find_label_issues
@@ -89,7 +126,7 @@ def run_audit(cfg: StudyConfig, folds: int = 5, model: str | None = None, layer:
     spec = load_search_space(cfg.classify.search_space, [ch.classifier])[0]
     fs, X, ids = _raw_features(study, ch.model, ch.layer)
     # Labels come from the manifest (the source of truth), joined on image_id.
-    man = pd.read_parquet(study / "manifest.parquet", columns=["image_id", "label", "path"]).set_index("image_id")
+    man = storage.read_parquet(study / "manifest.parquet", columns=["image_id", "label", "path"]).set_index("image_id")
     classes = sorted(man["label"].unique())
     keep = np.isin(ids, man.index)
     X, ids = X[keep], ids[keep]
@@ -123,16 +160,23 @@ def run_audit(cfg: StudyConfig, folds: int = 5, model: str | None = None, layer:
     atomic_write_text(json.dumps({"model": ch.model, "layer": ch.layer, "classifier": ch.classifier,
                                   "params": ch.params, "folds": n_splits, "issues": int(issues.sum()),
                                   "images": len(y)}, indent=1, default=str), d / "audit.json")
-    _audit_section(d, out, per_class, ch)
+    before_after = None
+    if rerun:
+        before_after = rerun_without_suspects(cfg, fs, ch, spec, set(out.loc[out["is_issue"], "image_id"]))
+        atomic_write_text(before_after.to_csv(index=False), d / "rerun.csv")
+    elif (d / "rerun.csv").exists():
+        storage.unlink(d / "rerun.csv")  # from an earlier audit: it would not match these suspects
+    _audit_section(d, out, per_class, ch, cfg.storage.options, before_after)
     return out
 
 
-def _audit_section(d: Path, issues: pd.DataFrame, per_class: pd.DataFrame, ch: Choice) -> None:
+def _audit_section(d: Path, issues: pd.DataFrame, per_class: pd.DataFrame, ch: Choice,
+                   options: storage.Options | None = None, before_after: pd.DataFrame | None = None) -> None:
     from .report import _e, _table, _thumb
 
     figs = []
     for _, r in issues.head(16).iterrows():
-        uri = _thumb(r["path"])
+        uri = _thumb(r["path"], options)
         img = f"<img alt='{_e(r['image_id'])}' src='{uri}'>" if uri else ""
         figs.append(f"<figure>{img}<figcaption><b>given:</b> {_e(r['given_label'])}<br><b>suggested:</b> "
                     f"{_e(r['suggested_label'])}<br>score {r['score']:.3f}</figcaption></figure>")
@@ -141,6 +185,14 @@ def _audit_section(d: Path, issues: pd.DataFrame, per_class: pd.DataFrame, ch: C
             f"{int(issues['is_issue'].sum())} of {len(issues)} labels flagged. Test labels are never altered.</p>"
             + _table(per_class[["category", "Label Issues", "Label Noise", "Label Quality Score"]])
             + f"<h3>Top suspects</h3><div class='gallery'>{''.join(figs)}</div>")
+    if before_after is not None:
+        pct = before_after.copy()
+        for c in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
+            pct[c] = (100 * pct[c]).round(2)
+        html += ("<h3 id='audit-rerun'>Before / after removing flagged training images</h3><p class='note'>"
+                 f"{_e(ch.model)}/{_e(ch.layer)} + {_e(ch.classifier)} refitted with the same parameters. Only "
+                 "training images were removed; the test split and every label are unchanged, so both rows are "
+                 "scored against the same, possibly noisy, test labels.</p>" + _table(pct))
     atomic_write_text(html, d / "section.html")
 
 
@@ -178,15 +230,16 @@ def run_curve(cfg: StudyConfig, fractions: list[float], seeds: int = 3) -> pd.Da
     data = {"X": fs.X["train"], "y": fs.y["train"], "Xte": fs.X["test"], "yte": fs.y["test"], "spec": spec,
             "params": ch.params, "pca": cfg.classify.pca}
     points = [{"fraction": f, "seed": s} for f in fractions for s in range(seeds)]
-    d = (study / "curve").resolve()
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_curve_trial, data=data), {"cpu": cfg.classify.cpus_per_trial}),
-        param_space={"trial": tune.grid_search(points)}, tune_config=tune.TuneConfig(reuse_actors=True),
-        run_config=tune.RunConfig(name="curve", storage_path=str(d / "tune"), verbose=0))
+    d = study / "curve"
     rows = []
-    for r in tuner.fit():
-        if r.error is None:
-            rows.append({**r.config["trial"], **{k: r.metrics[k] for k in ("n_train", "accuracy", "f1_macro")}})
+    with storage.scratch_dir(d / "tune") as tune_dir:
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(_curve_trial, data=data), {"cpu": cfg.classify.cpus_per_trial}),
+            param_space={"trial": tune.grid_search(points)}, tune_config=tune.TuneConfig(reuse_actors=True),
+            run_config=tune.RunConfig(name="curve", storage_path=str(tune_dir), verbose=0))
+        for r in tuner.fit():
+            if r.error is None:
+                rows.append({**r.config["trial"], **{k: r.metrics[k] for k in ("n_train", "accuracy", "f1_macro")}})
     raw = pd.DataFrame(rows)
     summary = (raw.groupby("fraction").agg(n_train=("n_train", "mean"), accuracy_mean=("accuracy", "mean"),
                                             accuracy_std=("accuracy", "std"), f1_mean=("f1_macro", "mean"),
@@ -224,7 +277,8 @@ def _plot_curve(summary: pd.DataFrame, path: Path, ch: Choice) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
-    return path.read_bytes()
+    storage.write_bytes_atomic(buf.getvalue(), path)
+    return buf.getvalue()

@@ -8,8 +8,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .config import StudyConfig, load_config
+import yaml
+
+from .config import ConfigError, StudyConfig, load_config
 from .errors import USER_ERRORS
+from .storage import access_errors
 
 log = logging.getLogger("lifelog_ray")
 
@@ -68,6 +71,9 @@ def _add_common(p: argparse.ArgumentParser, study_required: bool = True) -> None
     p.add_argument("--study", help="study directory (output.study)", required=False)
     p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_",
+                   help="any config key, dotted, value as YAML (repeatable), e.g. "
+                        "--set storage.options.s3.endpoint_url=http://minio:9000")
 
 
 def _add_flags(p: argparse.ArgumentParser, flags: list[Flag]) -> None:
@@ -81,8 +87,16 @@ def _cfg(args: argparse.Namespace, flags: list[Flag]) -> StudyConfig:
     overrides = {key: getattr(args, key) for _, key, _ in flags}
     overrides["output.study"] = getattr(args, "study", None)
     overrides["ray.address"] = getattr(args, "ray_address", None)
-    cfg = load_config(args.config, overrides)
-    return cfg
+    explicit = {}
+    for item in getattr(args, "set_", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set data.top_k=5")
+        try:
+            explicit[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
+    return load_config(args.config, overrides, explicit)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -142,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--layer")
             p.add_argument("--classifier")
             p.add_argument("--top", type=int, default=20, help="suspects to print")
+            p.add_argument("--rerun-without-suspects", action="store_true",
+                           help="also refit the pipeline without the flagged training images; compare on test")
         if name == "curve":
             p.add_argument("--fractions", default="0.05,0.1,0.25,0.5,1.0")
             p.add_argument("--seeds", type=int, default=3)
@@ -162,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except access_errors() as e:
+        print(f"error: cannot use the storage location ({type(e).__name__}: {e}); check the path, "
+              f"storage.options and the credentials in the environment", file=sys.stderr)
         return 2
 
 

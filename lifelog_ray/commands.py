@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from . import storage
 from .cli import CLASSIFY_FLAGS, EXTRACT_FLAGS, FINETUNE_FLAGS, MANIFEST_FLAGS, _cfg, register
 from .errors import LifelogError
 
@@ -54,7 +55,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import build_report
 
     cfg = _cfg(args, [])
-    print(f"report: {build_report(cfg.study_dir)}")
+    print(f"report: {build_report(cfg.study_dir, options=cfg.storage.options or None)}")
     return 0
 
 
@@ -97,9 +98,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from .audit import run_audit
 
     cfg = _cfg(args, [])
-    out = run_audit(cfg, args.folds, args.model, args.layer, args.classifier)
+    out = run_audit(cfg, args.folds, args.model, args.layer, args.classifier, rerun=args.rerun_without_suspects)
     print(out.head(args.top)[["rank", "image_id", "given_label", "suggested_label", "score"]].to_string(index=False))
     print(f"audit: {int(out['is_issue'].sum())} of {len(out)} labels flagged -> {cfg.study_dir / 'audit'}")
+    if args.rerun_without_suspects:
+        print("before / after removing flagged training images (test split and labels unchanged):")
+        print(storage.read_csv(cfg.study_dir / "audit" / "rerun.csv").to_string(index=False))
     return 0
 
 

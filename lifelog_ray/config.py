@@ -153,7 +153,14 @@ class RayConfig(_Section):
 
 
 class OutputConfig(_Section):
-    study: str | None = None  # the study directory
+    study: str | None = None  # the study directory: a local path or a URI (s3://bucket/study, gs://...)
+
+
+class StorageConfig(_Section):
+    # fsspec options per protocol, for every URI in the config (images, labels, study), e.g.
+    # {"s3": {"endpoint_url": "http://minio:9000"}} or {"gs": {"project": "my-project"}}.
+    # Credentials belong in the environment or the instance profile, not in a config file.
+    options: dict[str, dict[str, Any]] = {}
 
 
 class StudyConfig(_Section):
@@ -163,12 +170,22 @@ class StudyConfig(_Section):
     finetune: FinetuneConfig = FinetuneConfig()
     ray: RayConfig = RayConfig()
     output: OutputConfig = OutputConfig()
+    storage: StorageConfig = StorageConfig()
 
     @property
     def study_dir(self) -> Path:
+        """The study folder: a ``pathlib.Path``, or a ``UPath`` for a URI (same API)."""
         if not self.output.study:
             raise ConfigError("output.study: no study directory given (use --study DIR)")
-        return Path(self.output.study)
+        from .storage import to_path
+
+        return to_path(self.output.study, self.storage.options)
+
+    def path(self, p: str | os.PathLike) -> Path:
+        """Any path or URI of this config (images root, labels CSV) with the storage options applied."""
+        from .storage import to_path
+
+        return to_path(p, self.storage.options)
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -180,8 +197,12 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> StudyConfig:
-    """Read YAML (if any), apply dotted-key overrides (`data.top_k`), validate."""
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
+                explicit: dict[str, Any] | None = None) -> StudyConfig:
+    """Read YAML (if any), apply dotted-key overrides (`data.top_k`), validate.
+
+    A None in ``overrides`` means "flag not given"; ``explicit`` values (``--set``) apply even when None.
+    """
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -195,9 +216,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
+    items = [(k, v) for k, v in (overrides or {}).items() if v is not None] + list((explicit or {}).items())
+    for key, value in items:
         node = raw
         parts = key.split(".")
         for p in parts[:-1]:
@@ -219,10 +239,6 @@ def config_to_yaml(cfg: StudyConfig) -> str:
 
 def write_resolved(cfg: StudyConfig, directory: str | os.PathLike, name: str = "config.yaml") -> Path:
     """Write the resolved config beside a stage's outputs, so any result can be reproduced."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    out = d / name
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(config_to_yaml(cfg), encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    from .storage import to_path, write_bytes_atomic
+
+    return write_bytes_atomic(config_to_yaml(cfg).encode("utf-8"), to_path(directory) / name)

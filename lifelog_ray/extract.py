@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from . import storage
 from .backbones import BackboneSpec, FeatureExtractor, resolve_weights, tap_widths
 from .config import StudyConfig, write_resolved
 from .errors import LifelogError
@@ -55,8 +55,8 @@ def month_of(day: str) -> str:
 class ShardWriter:
     """Writer stage: one Parquet part per (unit, layer) in the batch; returns a small summary per unit."""
 
-    def __init__(self, model_dir: str, layers: list[str]) -> None:
-        self.model_dir = Path(model_dir)
+    def __init__(self, model_dir: Path, layers: list[str]) -> None:
+        self.model_dir = model_dir  # a Path, or a UPath (S3/GCS) that carries its filesystem options
         self.layers = layers
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -128,7 +128,7 @@ class UnitLedger:
     def markers(self) -> list[dict]:
         if not self.units_dir.exists():
             return []
-        return [json.loads(p.read_text("utf-8")) for p in sorted(self.units_dir.glob("*.json"))]
+        return [json.loads(p.read_text("utf-8")) for p in storage.files(self.units_dir, (".json",))]
 
     def done_ids(self) -> set[str]:
         return {i for m in self.markers() for i in m["image_ids"]}
@@ -138,9 +138,9 @@ class UnitLedger:
         listed = {p for m in self.markers() for p in m["parts"]}
         removed = 0
         for layer in layers:
-            for f in (self.model_dir / layer).glob("*/*.parquet"):
+            for f in storage.files(self.model_dir / layer, (".parquet",)):
                 if f.stem not in listed:
-                    f.unlink()
+                    storage.unlink(f)
                     removed += 1
         return removed
 
@@ -200,9 +200,9 @@ def extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | None
     study = cfg.study_dir
     spec = spec_for(cfg, model)
     model_dir = study / "features" / model
-    if e.overwrite and model_dir.exists():
-        shutil.rmtree(model_dir)
-    manifest = pd.read_parquet(study / "manifest.parquet", columns=["image_id", "path", "label", "split", "day"])
+    if e.overwrite:
+        storage.rmtree(model_dir)
+    manifest = storage.read_parquet(study / "manifest.parquet", columns=["image_id", "path", "label", "split", "day"])
     _check_signature(model_dir, spec)
     ledger = UnitLedger(model_dir)
     removed = ledger.remove_orphans(list(spec.layers))
@@ -229,7 +229,8 @@ def extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | None
         step = 4 * e.batch_size
         ds = ray.data.from_pandas([rows.iloc[i : i + step] for i in range(0, len(rows), step)])
         ds = ds.map_batches(
-            decode_batch, fn_kwargs={"size": e.image_size, "max_pixels": e.max_image_pixels, "jpeg_draft": e.jpeg_draft},
+            decode_batch, fn_kwargs={"size": e.image_size, "max_pixels": e.max_image_pixels, "jpeg_draft": e.jpeg_draft,
+                                     "options": cfg.storage.options},
             batch_size=e.batch_size, num_cpus=0.5, batch_format="numpy",
         )
         # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a dead actor is replaced
@@ -240,7 +241,7 @@ def extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | None
             num_gpus=1 if use_gpu else 0, num_cpus=e.cpus_per_actor, batch_format="numpy",
         )
         ds = ds.map_batches(
-            ShardWriter, fn_constructor_kwargs={"model_dir": str(model_dir), "layers": list(spec.layers)},
+            ShardWriter, fn_constructor_kwargs={"model_dir": model_dir, "layers": list(spec.layers)},
             batch_size=e.unit_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors), num_cpus=0.25,
             batch_format="numpy",
         )
@@ -302,14 +303,14 @@ def read_features(study: str | os.PathLike, model: str, layer: str, columns: lis
     """Read one layer's shards with plain pyarrow (no Ray needed)."""
     import pyarrow.dataset as pads
 
-    d = Path(study) / "features" / model / layer
-    return pads.dataset(str(d), format="parquet").to_table(columns=columns)
+    fs, d = storage.arrow_filesystem(storage.to_path(study) / "features" / model / layer)
+    return pads.dataset(d, format="parquet", filesystem=fs).to_table(columns=columns)
 
 
 def accounting(study: str | os.PathLike, model: str, layers: list[str]) -> dict[str, dict[str, int]]:
     """Per layer: manifest rows, feature rows, extract rejects (manifest = features + rejects when complete)."""
-    study = Path(study)
-    n_manifest = len(pd.read_parquet(study / "manifest.parquet", columns=["image_id"]))
+    study = storage.to_path(study)
+    n_manifest = len(storage.read_parquet(study / "manifest.parquet", columns=["image_id"]))
     rej = read_rejects(study)
     n_rej = int(((rej["stage"] == "extract") & rej["detail"].str.startswith(model + ":")).sum())
     out = {}

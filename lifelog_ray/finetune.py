@@ -8,6 +8,7 @@ replaced by Dense(ReLU) + softmax on the frozen convolutional base, only the new
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from . import storage
 from .backbones import BackboneSpec, _build_base, legacy_keras_module, preprocess, resolve_weights
 from .config import FinetuneConfig, StudyConfig, write_resolved
 from .errors import LifelogError
@@ -85,7 +87,7 @@ def _keep_decoded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def image_dataset(rows: pd.DataFrame, classes: list[str], size: int, max_pixels: int, batch: int, seed: int,
-                  shuffle: bool):
+                  shuffle: bool, options: dict | None = None):
     """Manifest rows -> a streaming Ray Dataset of (image uint8, label int), decoded like extraction."""
     import ray
 
@@ -95,7 +97,8 @@ def image_dataset(rows: pd.DataFrame, classes: list[str], size: int, max_pixels:
         rows = rows.sample(frac=1.0, random_state=seed)
     step = 4 * batch
     ds = ray.data.from_pandas([rows.iloc[i: i + step] for i in range(0, len(rows), step)])
-    ds = ds.map_batches(decode_batch, fn_kwargs={"size": size, "max_pixels": max_pixels}, batch_size=batch,
+    ds = ds.map_batches(decode_batch, fn_kwargs={"size": size, "max_pixels": max_pixels, "options": options},
+                        batch_size=batch,
                         num_cpus=0.5, batch_format="numpy")
     return ds.map_batches(_keep_decoded, batch_format="numpy", batch_size=batch)
 
@@ -253,9 +256,10 @@ def plot_history(history: pd.DataFrame, path: Path, title: str) -> None:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
+    storage.write_bytes_atomic(buf.getvalue(), path)
 
 
 def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFrame, classes: list[str],
@@ -274,15 +278,16 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
         return FinetuneRun(model, method, out, m["epochs"], m["best_epoch"], m["resumed_at"], True, m["scores"])
     # Weights travel as arrays; the spec only shapes the model (hence "none" here).
     spec = BackboneSpec(model, ("fc2",), "none", f.image_size, f.seed, "float32")
-    max_px = cfg.extract.max_image_pixels
+    max_px, opts = cfg.extract.max_image_pixels, cfg.storage.options
     datasets = {
         s: image_dataset(manifest[manifest["split"] == s], classes, f.image_size, max_px, f.batch_size, f.seed,
-                         shuffle=(s == "train"))
-        for s in ("train", "val")
+                         shuffle=(s == "train"), options=opts)
+        for s in ("train", "val", "test")
     }
-    datasets["test"] = image_dataset(manifest[manifest["split"] == "test"], classes, f.image_size, max_px,
-                                     f.batch_size, f.seed, shuffle=False)
-    storage = (study / "finetune" / "_ray").resolve()
+    # Checkpoints live with the study: on a multi-node cluster that must be S3/GCS or a shared filesystem.
+    ray_fs, ray_path = storage.arrow_filesystem(study / "finetune" / "_ray")
+    if ray_fs is None:
+        ray_path = str(Path(ray_path).resolve())
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={"finetune": f.model_dump(), "spec": asdict(spec), "method": method, "classes": classes,
@@ -292,7 +297,7 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
             num_workers=f.workers, use_gpu=f.gpus_per_worker > 0,
             resources_per_worker={"CPU": f.cpus_per_worker, **({"GPU": f.gpus_per_worker} if f.gpus_per_worker else {})}),
         run_config=ray.train.RunConfig(
-            name=f"{model}-{method}-{sig}", storage_path=str(storage),
+            name=f"{model}-{method}-{sig}", storage_path=ray_path, storage_filesystem=ray_fs,
             failure_config=ray.train.FailureConfig(max_failures=f.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets=datasets,
@@ -304,8 +309,7 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
         state = json.loads((d / "state.json").read_text())
         if not state.get("final"):
             raise LifelogError(f"fine-tuning {model}/{method} ended without its final checkpoint")
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(d / "model.keras", out / "model.keras")
+        storage.write_bytes_atomic((d / "model.keras").read_bytes(), out / "model.keras")
         with np.load(d / "test.npz", allow_pickle=False) as z:
             y_true, y_pred, ids = z["y_true"], z["y_pred"], z["image_id"]
     history = pd.DataFrame(state["history"])
@@ -348,7 +352,7 @@ def run_finetune(cfg: StudyConfig) -> list[FinetuneRun]:
     f = cfg.finetune
     if not (study / "manifest.parquet").exists():
         raise LifelogError(f"{study}: no manifest.parquet; run `lifelog-ray manifest` first")
-    manifest = pd.read_parquet(study / "manifest.parquet")
+    manifest = storage.read_parquet(study / "manifest.parquet")
     classes = sorted(manifest["label"].unique())
     # Resolve weights first (before Ray): one load per distinct spec, fail fast on a bad weights spec.
     cache: dict[tuple, Any] = {}

@@ -10,6 +10,9 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import storage
+from .storage import Options
+
 log = logging.getLogger(__name__)
 
 _JPEG = {"JPEG", "MPO"}
@@ -22,16 +25,9 @@ class DecodeError(Exception):
         self.detail = detail
 
 
-def read_bytes(path: str) -> bytes:
-    """Local paths directly; URIs (s3://, gs://, ...) through pyarrow's filesystems."""
-    if "://" in path:
-        from pyarrow import fs
-
-        filesystem, inner = fs.FileSystem.from_uri(path)
-        with filesystem.open_input_stream(inner) as f:
-            return f.read()
-    with open(path, "rb") as f:
-        return f.read()
+def read_bytes(path: str, options: Options | None = None) -> bytes:
+    """Local paths directly; URIs (s3://, gs://, ...) through fsspec with the config's storage options."""
+    return storage.read_bytes(path, options)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -99,10 +95,11 @@ def decode_image(data: bytes, size: int, max_pixels: int, jpeg_draft: bool = Tru
 class ImageDecoder:
     """Ray Data stage: adds `image` (N, S, S, 3) uint8 and `error`/`error_detail` ("" when decoded)."""
 
-    def __init__(self, size: int, max_pixels: int, jpeg_draft: bool = True) -> None:
+    def __init__(self, size: int, max_pixels: int, jpeg_draft: bool = True, options: Options | None = None) -> None:
         self.size = size
         self.max_pixels = max_pixels
         self.jpeg_draft = jpeg_draft
+        self.options = options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
@@ -113,7 +110,7 @@ class ImageDecoder:
         details = np.full(n, "", dtype=object)
         for i, p in enumerate(paths):
             try:
-                images[i] = decode_image(read_bytes(str(p)), self.size, self.max_pixels, self.jpeg_draft)
+                images[i] = decode_image(read_bytes(str(p), self.options), self.size, self.max_pixels, self.jpeg_draft)
             except DecodeError as e:
                 errors[i], details[i] = e.reason, e.detail
             except FileNotFoundError:
@@ -128,6 +125,7 @@ class ImageDecoder:
         return out
 
 
-def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int, jpeg_draft: bool = True) -> dict:
+def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int, jpeg_draft: bool = True,
+                 options: Options | None = None) -> dict:
     """Function form of the decode stage, so Ray Data runs it as plain (elastic) tasks."""
-    return ImageDecoder(size, max_pixels, jpeg_draft)(batch)
+    return ImageDecoder(size, max_pixels, jpeg_draft, options)(batch)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import re
 import zlib
 from dataclasses import dataclass, field
@@ -13,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import storage
 from .config import DataConfig, StudyConfig, write_resolved
 from .errors import LifelogError
 from .io import atomic_write_df, atomic_write_text, normalize_rejects, replace_stage_rejects
+from .storage import Options, to_path
 from .taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -53,12 +56,13 @@ class IngestResult:
 # ---------------------------------------------------------------- reading the layouts
 
 
-def _read_csv(path: str | os.PathLike, encoding: str, required: list[str]) -> pd.DataFrame:
-    p = Path(path)
-    if not p.exists():
+def _read_csv_at(path: str | os.PathLike, encoding: str, required: list[str], options: Options | None = None) -> pd.DataFrame:
+    p = to_path(path, options)
+    if not p.is_file():
         raise IngestError(f"{p}: file not found")
     try:
-        df = pd.read_csv(p, dtype=str, keep_default_na=False, encoding=encoding, skipinitialspace=False)
+        with p.open("rb") as f:
+            df = pd.read_csv(f, dtype=str, keep_default_na=False, encoding=encoding, skipinitialspace=False)
     except UnicodeDecodeError as e:
         raise IngestError(
             f"{p}: not valid {encoding} text ({e.reason} at byte {e.start}); re-save it as UTF-8 "
@@ -81,23 +85,23 @@ def _is_missing(v: object) -> bool:
 
 
 def _scan_images(root: Path, extensions: tuple[str, ...]) -> list[str]:
-    exts = {e.lower() for e in extensions}
-    out = []
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            if os.path.splitext(f)[1].lower() in exts:
-                out.append(Path(dirpath, f).relative_to(root).as_posix())
-    return sorted(out)
+    """Image paths under root, relative to it (one recursive listing, also on S3/GCS)."""
+    exts = tuple(e.lower() for e in extensions)
+    return sorted(storage.relative(f, root) for f in storage.files(root, exts))
 
 
-def read_candidates(data: DataConfig) -> pd.DataFrame:
+def read_candidates(data: DataConfig, options: Options | None = None) -> pd.DataFrame:
     """One row per input row: `row`, `rel_path` (as given), `raw_label`, optional `image_id`."""
     if not data.root:
         raise IngestError("data.root: no dataset root given (use --root DIR)")
-    root = Path(data.root)
+    root = to_path(data.root, options)
     if not root.is_dir():
-        raise IngestError(f"{root}: dataset root is not a directory")
+        raise IngestError(f"{root}: dataset root is not a directory (or not readable with these credentials)")
     enc = data.encoding
+
+    def _read_csv(path: str, encoding: str, required: list[str]) -> pd.DataFrame:
+        return _read_csv_at(path, encoding, required, options)
+
     if data.layout == "folder":
         rels = _scan_images(root, data.extensions)
         rows = [(r, r.split("/")[0]) for r in rels if "/" in r]
@@ -175,7 +179,7 @@ def timestamp_from_exif(path: Path) -> datetime | None:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with path.open("rb") as f, Image.open(f) as im:
             exif = im.getexif()
             value = exif.get_ifd(0x8769).get(36867) or exif.get(306)  # DateTimeOriginal, else DateTime
     except Exception:  # noqa: BLE001 - an unreadable file has no timestamp; extract will reject it
@@ -253,10 +257,13 @@ def _derive_image_id(rel: str, layout: str) -> str:
     return p.with_suffix("").as_posix().replace("/", "__")
 
 
-def _resolve(root: Path, rel: str, allow_outside: bool) -> tuple[Path | None, str | None, str | None]:
-    """Return (resolved path, reject reason, detail)."""
+def _resolve(root: Path, rel: str, allow_outside: bool, listing: set[str] | None = None
+             ) -> tuple[Path | None, str | None, str | None]:
+    """Return (resolved path, reject reason, detail). ``listing``: the root's files, for an object store."""
     if _is_missing(rel):
         return None, "missing_path", "empty path in the labels file"
+    if storage.is_remote(root):
+        return _resolve_remote(root, rel, allow_outside, listing or set())
     p = Path(rel)
     if p.is_absolute() and not allow_outside:
         return None, "path_outside_root", f"absolute path {rel!r} (set data.allow_outside_root to allow)"
@@ -269,14 +276,36 @@ def _resolve(root: Path, rel: str, allow_outside: bool) -> tuple[Path | None, st
     return full, None, None
 
 
+def _resolve_remote(root: Path, rel: str, allow_outside: bool, listing: set[str]
+                    ) -> tuple[Path | None, str | None, str | None]:
+    """Object stores have no symlinks: a key is inside the root when its normalised path is."""
+    if storage.is_uri(rel):
+        base = str(root).rstrip("/") + "/"
+        if not rel.startswith(base):
+            if not allow_outside:
+                return None, "path_outside_root", f"{rel!r} is not under {base} (set data.allow_outside_root to allow)"
+            full = to_path(rel, {root.protocol: root.storage_options})
+            return (full, None, None) if full.is_file() else (None, "missing_file", f"{rel!r} does not exist")
+        rel = rel[len(base):]
+    norm = posixpath.normpath(rel.lstrip("/"))
+    if norm == ".." or norm.startswith("../"):
+        return None, "path_outside_root", f"{rel!r} resolves outside the dataset root ('..')"
+    if norm not in listing:
+        return None, "missing_file", f"{rel!r} does not exist"
+    return root / norm, None, None
+
+
 def build_manifest(cfg: StudyConfig) -> IngestResult:
     data = cfg.data
     study = cfg.study_dir
     taxonomy = Taxonomy.load(data.taxonomy)
-    cands = read_candidates(data)
+    options = cfg.storage.options
+    cands = read_candidates(data, options)
     if len(cands) == 0:
         raise IngestError(f"{data.labels or data.root}: the dataset is empty (no input rows)")
-    root = Path(data.root)
+    root = to_path(data.root, options)
+    # One listing of an object store instead of a request per image.
+    listing = {storage.relative(f, root) for f in storage.files(root)} if storage.is_remote(root) else None
     rejects: list[dict] = []
 
     def reject(r: pd.Series, reason: str, detail: str, image_id: str | None = None) -> None:
@@ -290,7 +319,7 @@ def build_manifest(cfg: StudyConfig) -> IngestResult:
     exts = {e.lower() for e in data.extensions}
     for _, r in cands.iterrows():
         rel = r["rel_path"]
-        full, reason, detail = _resolve(root, rel, data.allow_outside_root)
+        full, reason, detail = _resolve(root, rel, data.allow_outside_root, listing)
         if reason:
             reject(r, reason, detail)
             continue
@@ -352,7 +381,7 @@ def build_manifest(cfg: StudyConfig) -> IngestResult:
         )
 
     # Timestamps: from the file name (LSC / NTCIR), else EXIF DateTimeOriginal, else none.
-    ts = [timestamp_from_name(p) or timestamp_from_exif(Path(full)) for p, full in zip(df["rel_path"], df["path"])]
+    ts = [timestamp_from_name(p) or timestamp_from_exif(cfg.path(full)) for p, full in zip(df["rel_path"], df["path"])]
     df["timestamp"] = pd.to_datetime(pd.Series(ts, dtype=object), errors="coerce")
     df["day"] = [day_of(t, p) for t, p in zip(ts, df["rel_path"])]
 
@@ -360,7 +389,7 @@ def build_manifest(cfg: StudyConfig) -> IngestResult:
     existing: dict[str, str] = {}
     old = study / "manifest.parquet"
     if old.exists():
-        prev = pd.read_parquet(old, columns=["image_id", "split"])
+        prev = storage.read_parquet(old, columns=["image_id", "split"])
         existing = dict(zip(prev["image_id"], prev["split"]))
     df["split"] = assign_splits(df, data.split, data.seed, existing)
     kept_splits = int(df["image_id"].isin(existing.keys()).sum())

@@ -3,39 +3,23 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from .storage import read_parquet, to_path, write_bytes_atomic, write_table_atomic
 
 REJECT_COLUMNS = ["image_id", "path", "row", "stage", "reason", "detail"]
 
 
 def atomic_write_table(table: pa.Table, path: str | os.PathLike) -> Path:
-    """Write Parquet to a temp file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    """Readers never see half a file: temp file + rename locally, one object PUT on S3/GCS."""
+    return write_table_atomic(table, to_path(path))
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    return write_bytes_atomic(text.encode("utf-8"), to_path(path))
 
 
 def atomic_write_df(df: pd.DataFrame, path: str | os.PathLike) -> Path:
@@ -68,10 +52,10 @@ def normalize_rejects(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def read_rejects(study: str | os.PathLike) -> pd.DataFrame:
-    p = Path(study) / "rejects.parquet"
+    p = to_path(study) / "rejects.parquet"
     if not p.exists():
         return empty_rejects()
-    return normalize_rejects(pd.read_parquet(p))
+    return normalize_rejects(read_parquet(p))
 
 
 def replace_stage_rejects(study: str | os.PathLike, stage: str, rejects: pd.DataFrame) -> Path:
@@ -81,4 +65,4 @@ def replace_stage_rejects(study: str | os.PathLike, stage: str, rejects: pd.Data
     new = normalize_rejects(rejects)
     new["stage"] = stage
     merged = pd.concat([kept, new], ignore_index=True) if len(kept) else new
-    return atomic_write_df(merged, Path(study) / "rejects.parquet")
+    return atomic_write_df(merged, to_path(study) / "rejects.parquet")

@@ -75,7 +75,7 @@ def run_study(cfg: StudyConfig, stages: tuple[str, ...] = STAGES) -> list[StageS
         def report():
             from .report import build_report
 
-            return "done", str(build_report(study))
+            return "done", str(build_report(study, options=cfg.storage.options))
         timed("report", report)
     return out
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,30 +15,40 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import storage
 from .backbones import BackboneSpec, FeatureExtractor, resolve_weights
 from .config import StudyConfig
 from .errors import LifelogError
 from .images import decode_batch
 from .ingest import _derive_image_id, _scan_images, day_of, timestamp_from_exif, timestamp_from_name
+from .io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 
-def list_images(source: str, extensions: tuple[str, ...]) -> pd.DataFrame:
-    """A folder (scanned recursively), a manifest Parquet, or a CSV with a `path` column."""
-    p = Path(source)
+def list_images(source: str, extensions: tuple[str, ...], options: storage.Options | None = None) -> pd.DataFrame:
+    """A folder (scanned recursively), a manifest Parquet, or a CSV with a `path` column; local or a URI."""
+    p = storage.to_path(source, options)
+    remote = storage.is_remote(p)
+
+    def absolute(base: Path, x: str) -> str:
+        if storage.is_uri(x) or Path(x).is_absolute():
+            return x
+        return str(base / x) if remote else str((base / x).resolve())
+
     if p.is_dir():
         rels = _scan_images(p, extensions)
-        df = pd.DataFrame({"path": [str((p / r).resolve()) for r in rels], "rel": rels})
+        df = pd.DataFrame({"path": [absolute(p, r) for r in rels], "rel": rels})
     elif p.suffix == ".parquet":
-        df = pd.read_parquet(p)
+        df = storage.read_parquet(p)
         df["rel"] = df["path"].map(lambda x: Path(x).name)
     elif p.suffix == ".csv":
-        df = pd.read_csv(p, dtype=str)
+        with p.open("rb") as f:
+            df = pd.read_csv(f, dtype=str)
         if "path" not in df:
             raise LifelogError(f"{p}: needs a 'path' column")
         df["rel"] = df["path"]
-        df["path"] = [str((p.parent / x).resolve()) if not Path(x).is_absolute() else x for x in df["path"]]
+        df["path"] = [absolute(p.parent, x) for x in df["path"]]
     else:
         raise LifelogError(f"--images {source}: expected a folder, a manifest .parquet or a .csv of paths")
     if df.empty:
@@ -47,7 +56,8 @@ def list_images(source: str, extensions: tuple[str, ...]) -> pd.DataFrame:
     if "image_id" not in df:
         df["image_id"] = [_derive_image_id(r, "lsc") for r in df["rel"]]
     if "timestamp" not in df:
-        ts = [timestamp_from_name(r) or timestamp_from_exif(Path(x)) for r, x in zip(df["rel"], df["path"])]
+        ts = [timestamp_from_name(r) or timestamp_from_exif(storage.to_path(x, options))
+              for r, x in zip(df["rel"], df["path"])]
         df["timestamp"] = pd.to_datetime(pd.Series(ts, dtype=object), errors="coerce")
         df["day"] = [day_of(t, r) for t, r in zip(ts, df["rel"])]
     return df[["image_id", "path", "timestamp", "day"]]
@@ -65,10 +75,10 @@ def choose_pipeline(study: Path, which: str) -> Choice:
     """`auto`: the best test accuracy over both approaches; `approach1` / `approach2`; or `model/layer/clf`."""
     cands: list[Choice] = []
     if (study / "classify" / "results.parquet").exists():
-        r = pd.read_parquet(study / "classify" / "results.parquet")
+        r = storage.read_parquet(study / "classify" / "results.parquet")
         cands += [Choice(1, x.model, f"{x.layer}/{x.classifier}", x.accuracy) for x in r.itertuples()]
     if (study / "finetune" / "results.parquet").exists():
-        r = pd.read_parquet(study / "finetune" / "results.parquet")
+        r = storage.read_parquet(study / "finetune" / "results.parquet")
         cands += [Choice(2, x.model, x.method, x.accuracy) for x in r.itertuples()]
     if which.count("/") == 2:
         m, la, c = which.split("/")
@@ -85,7 +95,7 @@ def choose_pipeline(study: Path, which: str) -> Choice:
 class PipelineClassifier:
     """Approach 1 head: a saved PCA + classifier applied to one tap's features."""
 
-    def __init__(self, study: str, model: str, layer: str, classifier: str) -> None:
+    def __init__(self, study: Path, model: str, layer: str, classifier: str) -> None:
         from .classify.study import load_pipeline
 
         self.pipe = load_pipeline(study, model, layer, classifier)
@@ -100,13 +110,14 @@ class PipelineClassifier:
 class FinetunedClassifier:
     """Approach 2: the exported fine-tuned Keras model (saved by tf-keras inside Ray Train)."""
 
-    def __init__(self, model_path: str, model_name: str, classes: list[str]) -> None:
+    def __init__(self, model_path: Path, model_name: str, classes: list[str]) -> None:
         import tensorflow as tf
 
         from .backbones import legacy_keras_module
 
         self.keras = legacy_keras_module()  # the Keras that wrote it (see finetune)
-        self.model = self.keras.models.load_model(model_path, compile=False)
+        with storage.local_copy(model_path) as local:  # Keras loads from a local file
+            self.model = self.keras.models.load_model(str(local), compile=False)
         self.tf = tf
         self.model_name = model_name
         self.classes = classes
@@ -141,7 +152,7 @@ def run_predict(cfg: StudyConfig, images: str, which: str = "auto", name: str | 
 
     study = cfg.study_dir
     choice = choose_pipeline(study, which)
-    rows = list_images(images, cfg.data.extensions)
+    rows = list_images(images, cfg.data.extensions, cfg.storage.options)
     rows["timestamp"] = rows["timestamp"].astype(str)
     out = study / "predictions" / (name or Path(images).stem)
     e = cfg.extract
@@ -159,7 +170,8 @@ def run_predict(cfg: StudyConfig, images: str, which: str = "auto", name: str | 
     t0 = time.perf_counter()
     step = 4 * e.batch_size
     ds = ray.data.from_pandas([rows.iloc[i: i + step] for i in range(0, len(rows), step)])
-    ds = ds.map_batches(decode_batch, fn_kwargs={"size": size, "max_pixels": e.max_image_pixels},
+    ds = ds.map_batches(decode_batch, fn_kwargs={"size": size, "max_pixels": e.max_image_pixels,
+                                                 "options": cfg.storage.options},
                         batch_size=e.batch_size, num_cpus=0.5, batch_format="numpy")
     n_actors = e.num_actors or max(1, int(gpus) or 1)
     if choice.approach == 1:
@@ -167,18 +179,18 @@ def run_predict(cfg: StudyConfig, images: str, which: str = "auto", name: str | 
                             batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(size=n_actors),
                             num_gpus=1 if gpus >= 1 else 0, num_cpus=e.cpus_per_actor, batch_format="numpy")
         ds = ds.map_batches(PipelineClassifier, fn_constructor_kwargs={
-            "study": str(study), "model": choice.model, "layer": layer, "classifier": clf},
+            "study": study, "model": choice.model, "layer": layer, "classifier": clf},
             batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25, batch_format="numpy")
     else:
         ds = ds.map_batches(FinetunedClassifier, fn_constructor_kwargs={
-            "model_path": str(study / "finetune" / choice.model / choice.variant / "model.keras"),
+            "model_path": study / "finetune" / choice.model / choice.variant / "model.keras",
             "model_name": choice.model, "classes": meta["classes"]},
             batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(size=n_actors),
             num_gpus=1 if gpus >= 1 else 0, num_cpus=e.cpus_per_actor, batch_format="numpy")
-    if out.exists():
-        shutil.rmtree(out)  # the output is a function of the input: a rerun replaces it
-    ds.write_parquet(str(out.resolve()), partition_cols=["day"])
-    (out / "_pipeline.json").write_text(json.dumps(choice.__dict__, default=float, indent=1))
+    storage.rmtree(out)  # the output is a function of the input: a rerun replaces it
+    fs, path = storage.arrow_filesystem(out)
+    ds.write_parquet(path if fs is not None else str(Path(path).resolve()), filesystem=fs, partition_cols=["day"])
+    atomic_write_text(json.dumps(choice.__dict__, default=float, indent=1), out / "_pipeline.json")
     n = len(rows)
     log.info("predicted %d images in %.1fs with %s", n, time.perf_counter() - t0, choice)
     return out, n, int(time.perf_counter() - t0)

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
+from . import storage
 from .errors import LifelogError
 from .io import atomic_write_text, read_rejects
 
@@ -79,11 +81,11 @@ def _confusion_png(cm: pd.DataFrame, title: str) -> str:
     return _png_uri(buf.getvalue())
 
 
-def _thumb(path: str) -> str | None:
+def _thumb(path: str, options: storage.Options | None = None) -> str | None:
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(storage.read_bytes(path, options))) as im:
             im = ImageOps.exif_transpose(im).convert("RGB")
             im.thumbnail((300, 225))
             buf = io.BytesIO()
@@ -93,29 +95,32 @@ def _thumb(path: str) -> str | None:
         return None
 
 
-def _gallery(preds: pd.DataFrame, manifest: pd.DataFrame, limit: int) -> str:
+def _gallery(preds: pd.DataFrame, manifest: pd.DataFrame, limit: int, options: storage.Options | None = None) -> str:
     wrong = preds[preds["true"] != preds["pred"]].head(limit)
     if wrong.empty:
         return "<p class='note'>No misclassified test images.</p>"
     paths = manifest.set_index("image_id")["path"]
     figs = []
     for _, r in wrong.iterrows():
-        uri = _thumb(paths.get(r["image_id"], ""))
+        uri = _thumb(paths.get(r["image_id"], ""), options)
         img = f"<img alt='{_e(r['image_id'])}' src='{uri}'>" if uri else "<div class='note'>(unreadable)</div>"
         figs.append(f"<figure>{img}<figcaption><b>true:</b> {_e(r['true'])}<br><b>predicted:</b> "
                     f"{_e(r['pred'])}<br><span class='note'>{_e(r['image_id'])}</span></figcaption></figure>")
     return f"<div class='gallery'>{''.join(figs)}</div>"
 
 
-def build_report(study: str | Path, gallery_size: int = 24) -> Path:
-    study = Path(study)
+def build_report(study: str | Path, gallery_size: int = 24, options: storage.Options | None = None) -> Path:
+    """``options``: storage options for URIs (the study's own config supplies them when not given)."""
+    study = storage.to_path(study, options)
     if not (study / "manifest.parquet").exists():
         raise LifelogError(f"{study}: not a study directory (no manifest.parquet)")
-    manifest = pd.read_parquet(study / "manifest.parquet")
+    manifest = storage.read_parquet(study / "manifest.parquet")
     parts = [f"<h1>Lifelog activity study: {_e(study.name)}</h1>",
              f"<p class='note'>Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by lifelog-ray from "
-             f"{_e(study.resolve())}.</p>"]
+             f"{_e(study if storage.is_remote(study) else study.resolve())}.</p>"]
     cfg_text = (study / "config.yaml").read_text("utf-8") if (study / "config.yaml").exists() else ""
+    if options is None and cfg_text:  # the images' storage options, as the study was run
+        options = ((yaml.safe_load(cfg_text) or {}).get("storage") or {}).get("options")
     if "weights: none" in cfg_text:
         parts.append("<p class='warn'>This study used randomly initialised backbones (<code>weights: none</code>), "
                      "not ImageNet weights: the figures test the pipeline, not the paper's transfer learning.</p>")
@@ -123,7 +128,7 @@ def build_report(study: str | Path, gallery_size: int = 24) -> Path:
     # Dataset: Table 2 and the accounting.
     parts.append("<h2 id='dataset'>Dataset (Table 2)</h2>")
     if (study / "categories.csv").exists():
-        parts.append(_table(pd.read_csv(study / "categories.csv")))
+        parts.append(_table(storage.read_csv(study / "categories.csv")))
     rej = read_rejects(study)
     if len(rej):
         counts = rej.groupby(["stage", "reason"]).size().reset_index(name="images")
@@ -135,7 +140,7 @@ def build_report(study: str | Path, gallery_size: int = 24) -> Path:
     if (cls_dir / "results.parquet").exists():
         from .classify.study import TABLE_BLOCKS, _order_layers
 
-        res = pd.read_parquet(cls_dir / "results.parquet")
+        res = storage.read_parquet(cls_dir / "results.parquet")
         parts.append("<h2 id='table3'>Approach 1: pre-trained features + classifiers (Table 3)</h2>")
         parts.append("<p class='note'>Test split, percent; precision, recall and F1 are macro averages. "
                      "Each cell is the classifier's best grid point on the validation split.</p>")
@@ -154,9 +159,9 @@ def build_report(study: str | Path, gallery_size: int = 24) -> Path:
         cm_path = cls_dir / "confusion" / f"{tag}.csv"
         if cm_path.exists():
             parts.append(f"<h3>Confusion matrix of the best pipeline ({_e(tag.replace('__', ' / '))})</h3>"
-                         f"<div class='cm'><img alt='confusion {tag}' src='{_confusion_png(pd.read_csv(cm_path, index_col=0), tag)}'></div>")
+                         f"<div class='cm'><img alt='confusion {tag}' src='{_confusion_png(storage.read_csv(cm_path, index_col=0), tag)}'></div>")
         if (cls_dir / "predictions.parquet").exists():
-            preds = pd.read_parquet(cls_dir / "predictions.parquet")
+            preds = storage.read_parquet(cls_dir / "predictions.parquet")
             # The best pipeline's mistakes; if it made none, those of the best pipeline that made some.
             ranked = res.sort_values(["accuracy", "f1_macro"], ascending=False)
             chosen, note = None, ""
@@ -172,13 +177,13 @@ def build_report(study: str | Path, gallery_size: int = 24) -> Path:
                              else ".") + "</p>")
                     break
             parts.append("<h3 id='misclassified'>Misclassified test images (Figure 3)</h3>" + note +
-                         (_gallery(chosen, manifest, gallery_size) if chosen is not None
+                         (_gallery(chosen, manifest, gallery_size, options) if chosen is not None
                           else "<p class='note'>No pipeline misclassified a test image.</p>"))
 
     # Approach 2.
     ft_dir = study / "finetune"
     if (ft_dir / "results.parquet").exists():
-        ft = pd.read_parquet(ft_dir / "results.parquet")
+        ft = storage.read_parquet(ft_dir / "results.parquet")
         parts.append("<h2 id='table4'>Approach 2: fine-tuning (Table 4)</h2>")
         t4 = ft[["model", "method", "accuracy", "precision_macro", "recall_macro", "f1_macro", "epochs", "best_epoch"]].copy()
         t4["method"] = t4["method"].str.upper()
@@ -199,16 +204,16 @@ def build_report(study: str | Path, gallery_size: int = 24) -> Path:
             if cm_path.exists():
                 title = f"{r['model']} {r['method'].upper()}"
                 parts.append(f"<div class='cm'><img alt='confusion {title}' "
-                             f"src='{_confusion_png(pd.read_csv(cm_path, index_col=0), title)}'></div>")
+                             f"src='{_confusion_png(storage.read_csv(cm_path, index_col=0), title)}'></div>")
 
     if best_rows:
         parts.insert(3, "<h2 id='best'>Best model per approach</h2>" + _table(pd.DataFrame(best_rows)))
         comp = []
         if (cls_dir / "results.parquet").exists():
-            r1 = pd.read_parquet(cls_dir / "results.parquet").groupby("model")["accuracy"].max()
+            r1 = storage.read_parquet(cls_dir / "results.parquet").groupby("model")["accuracy"].max()
             comp += [{"approach": "1", "model": m, "best accuracy": 100 * v} for m, v in r1.items()]
         if (ft_dir / "results.parquet").exists():
-            r2 = pd.read_parquet(ft_dir / "results.parquet").groupby("model")["accuracy"].max()
+            r2 = storage.read_parquet(ft_dir / "results.parquet").groupby("model")["accuracy"].max()
             comp += [{"approach": "2", "model": m, "best accuracy": 100 * v} for m, v in r2.items()]
         parts.append("<h2 id='vgg16-vs-vgg19'>VGG16 vs VGG19</h2>" + _table(pd.DataFrame(comp)))
 
@@ -222,5 +227,5 @@ def build_report(study: str | Path, gallery_size: int = 24) -> Path:
            f"</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
     out = study / "report" / "index.html"
     atomic_write_text(doc, out)
-    (study / "report" / "summary.json").write_text(json.dumps(best_rows, indent=1, default=float))
+    atomic_write_text(json.dumps(best_rows, indent=1, default=float), study / "report" / "summary.json")
     return out

@@ -51,7 +51,7 @@ def noisy_study(tmp_path_factory, ray_local):
 
 def test_audit_ranks_flipped_labels_far_above_chance(noisy_study):
     cfg, flipped = noisy_study
-    out = run_audit(cfg, folds=5)
+    out = run_audit(cfg, folds=5, rerun=True)
     k = len(flipped)
     precision_at_k = out.head(k)["image_id"].isin(flipped).mean()
     chance = k / len(out)
@@ -59,6 +59,15 @@ def test_audit_ranks_flipped_labels_far_above_chance(noisy_study):
     saved = pd.read_parquet(cfg.study_dir / "audit" / "label_issues.parquet")
     assert list(saved.columns[:5]) == ["rank", "image_id", "given_label", "suggested_label", "score"]
     assert (cfg.study_dir / "audit" / "per_category_noise.csv").exists()
+    # Before / after: the flagged training images removed, the same test split scored both times.
+    ba = pd.read_csv(cfg.study_dir / "audit" / "rerun.csv")
+    man = pd.read_parquet(cfg.study_dir / "manifest.parquet")
+    train_ids = set(man.loc[man["split"] == "train", "image_id"]) & set(out["image_id"])  # minus extract rejects
+    n_flagged_train = int(out[out["is_issue"] & out["image_id"].isin(train_ids)].shape[0])
+    assert ba["variant"].tolist() == ["all training images", "flagged training images removed"]
+    assert ba["n_train"].tolist() == [len(train_ids), len(train_ids) - n_flagged_train] and n_flagged_train > 0
+    assert (ba["n_test"] == int(man.loc[man["split"] == "test", "image_id"].isin(out["image_id"]).sum())).all()
+    assert ba["accuracy"].between(0, 1).all()
 
 
 def test_curve_rises_within_error_bars_and_reaches_the_report(noisy_study):
@@ -72,4 +81,4 @@ def test_curve_rises_within_error_bars_and_reaches_the_report(noisy_study):
         assert m[i] + e[i] + e[i - 1] + step + 1e-9 >= m[i - 1], s  # monotone within its error bars
     assert m[-1] > m[0]
     html = build_report(cfg.study_dir).read_text()
-    assert "id='audit'" in html and "id='curve'" in html
+    assert "id='audit'" in html and "id='curve'" in html and "id='audit-rerun'" in html

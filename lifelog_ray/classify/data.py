@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from sklearn.decomposition import PCA, IncrementalPCA
 
+from .. import storage
 from ..errors import LifelogError
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def discover(study: Path, models: list[str] | None, layers: list[str] | None) ->
     if root.exists():
         for mdir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
             for ldir in sorted(p for p in mdir.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
-                if next(ldir.rglob("*.parquet"), None) is not None:
+                if next(storage.files(ldir, (".parquet",)), None) is not None:
                     found.append((mdir.name, ldir.name))
     chosen = [(m, la) for m, la in found if (not models or m in models) and (not layers or la in layers)]
     if not chosen:
@@ -63,7 +64,8 @@ def _to_matrix(col: pa.ChunkedArray) -> np.ndarray:
 
 
 def _dataset(study: Path, model: str, layer: str) -> pads.Dataset:
-    return pads.dataset(str(study / "features" / model / layer), format="parquet")
+    fs, path = storage.arrow_filesystem(study / "features" / model / layer)
+    return pads.dataset(path, format="parquet", filesystem=fs)
 
 
 def _choose_k(evr: np.ndarray, spec: float | int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import time
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .. import storage
 from ..config import StudyConfig, write_resolved
 from ..errors import LifelogError
 from ..io import atomic_write_df, atomic_write_text
@@ -90,15 +92,15 @@ def refit_and_test(fs: FeatureSet, spec: ClassifierSpec, params: dict, refit_on:
 
 def _save_pipeline(out: Path, fs: FeatureSet, spec: ClassifierSpec, params: dict, fitted: dict) -> Path:
     d = out / "models" / fs.model / fs.layer / spec.name
-    d.mkdir(parents=True, exist_ok=True)
     files = {}
     if fs.pca is not None:
-        pca_path = d / "pca.npz"
-        np.savez(pca_path, components=fs.pca.components_, mean=fs.pca.mean_,
+        buf = io.BytesIO()
+        np.savez(buf, components=fs.pca.components_, mean=fs.pca.mean_,
                  explained_variance_ratio=fs.pca.explained_variance_ratio_)
-        files["pca.npz"] = hashlib.sha256(pca_path.read_bytes()).hexdigest()
+        storage.write_bytes_atomic(buf.getvalue(), d / "pca.npz")
+        files["pca.npz"] = hashlib.sha256(buf.getvalue()).hexdigest()
     name = "model.ubj" if fitted["format"].startswith("xgboost") else "model.skops"
-    (d / name).write_bytes(fitted["blob"])
+    storage.write_bytes_atomic(fitted["blob"], d / name)
     files[name] = hashlib.sha256(fitted["blob"]).hexdigest()
     meta = {"model": fs.model, "layer": fs.layer, "classifier": spec.name, "estimator": spec.estimator,
             "params": params, "fixed": spec.fixed, "classes": fs.classes, "feature_width": fs.width,
@@ -140,8 +142,8 @@ def _signature(study: Path, pairs: list[tuple[str, str]], cfg: StudyConfig, spec
     h = hashlib.sha1(json.dumps([cfg.classify.model_dump(mode="json"), [asdict(s) for s in specs]],
                                 sort_keys=True, default=str).encode())
     for m, la in pairs:
-        for f in sorted((study / "features" / m / la).rglob("*.parquet")):
-            h.update(f"{f.relative_to(study)}:{f.stat().st_size}".encode())
+        for f in storage.files(study / "features" / m / la, (".parquet",)):
+            h.update(f"{storage.relative(f, study)}:{f.stat().st_size}".encode())
     return h.hexdigest()[:16]
 
 
@@ -161,7 +163,7 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
     done = out / "_done.json"
     if not force and done.exists() and json.loads(done.read_text("utf-8")).get("signature") == sig:
         log.info("classify: results are current (signature %s), skipping", sig)
-        return ClassifyResult(pd.read_parquet(out / "trials.parquet"), pd.read_parquet(out / "results.parquet"),
+        return ClassifyResult(storage.read_parquet(out / "trials.parquet"), storage.read_parquet(out / "results.parquet"),
                               out, 0.0, skipped=True)
     pca = parse_pca(c.pca)
     sets = {f"{m}/{la}": load_feature_set(study, m, la, pca, c.pca_solver, c.seed) for m, la in pairs}
@@ -176,7 +178,8 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
                 (dist_points if _use_distributed(cfg, spec, fs) else points).append(p)
     ensure_ray(cfg.ray)
     out.mkdir(parents=True, exist_ok=True)
-    records = {r["point"]: r for r in run_search(sets, points, out / "tune", c.cpus_per_trial)}
+    with storage.scratch_dir(out / "tune") as tune_dir:  # Tune's own state: local scratch for a remote study
+        records = {r["point"]: r for r in run_search(sets, points, tune_dir, c.cpus_per_trial)}
     for p in dist_points:  # each a Ray Train run: data-parallel XGBoost for feature sets too big for one worker
         from ..metrics import scores
         from .xgb_dist import fit_distributed, predict_booster
@@ -260,34 +263,35 @@ def _refit_remote(fs: FeatureSet, spec: ClassifierSpec, params: dict, refit_on: 
 def load_pipeline(study: str | Path, model: str, layer: str, classifier: str, extra_trusted: list[str] | None = None):
     """Load a saved pipeline of the study the user named. Never unpickles: skops refuses unknown types,
     XGBoost loads its own format; files must match the hashes recorded when they were written."""
-    d = Path(study) / "classify" / "models" / model / layer / classifier
+    d = storage.to_path(study) / "classify" / "models" / model / layer / classifier
     meta_path = d / "pipeline.json"
     if not meta_path.exists():
         raise LifelogError(f"{d}: no saved pipeline (run `lifelog-ray classify` first)")
     meta = json.loads(meta_path.read_text("utf-8"))
+    blobs = {name: (d / name).read_bytes() for name in meta["sha256"]}  # read once: what is checked is what is loaded
     for name, digest in meta["sha256"].items():
-        if hashlib.sha256((d / name).read_bytes()).hexdigest() != digest:
+        if hashlib.sha256(blobs[name]).hexdigest() != digest:
             raise LifelogError(f"{d / name}: content does not match the hash in pipeline.json; refusing to load")
     pca = None
-    if "pca.npz" in meta["sha256"]:
-        with np.load(d / "pca.npz", allow_pickle=False) as z:
+    if "pca.npz" in blobs:
+        with np.load(io.BytesIO(blobs["pca.npz"]), allow_pickle=False) as z:
             pca = {k: z[k] for k in z.files}
     if meta["format"].startswith("xgboost"):
         import xgboost
 
         booster = xgboost.Booster()
-        booster.load_model(bytearray((d / "model.ubj").read_bytes()))
+        booster.load_model(bytearray(blobs["model.ubj"]))
         est = booster
     else:
         import skops.io as sio
 
-        untrusted = sio.get_untrusted_types(file=d / "model.skops")
+        untrusted = sio.get_untrusted_types(data=blobs["model.skops"])
         allowed = set(TRUSTED_TYPES) | set(extra_trusted or [])
         refused = [t for t in untrusted if t not in allowed]
         if refused:
             raise LifelogError(f"{d / 'model.skops'} holds types not trusted by default: {refused}; "
                                f"pass them explicitly if you trust this file")
-        est = sio.load(d / "model.skops", trusted=untrusted)
+        est = sio.loads(blobs["model.skops"], trusted=untrusted)
     return SavedPipeline(meta, pca, est)
 
 

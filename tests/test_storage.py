@@ -1,0 +1,149 @@
+"""Lifelogs and studies on object storage: s3:// paths against a local S3 endpoint (moto's server)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+from test_study import study_config
+from upath import UPath
+
+from lifelog_ray import storage
+from lifelog_ray.config import StudyConfig
+from lifelog_ray.ingest import build_manifest
+from lifelog_ray.pipeline import run_study
+from lifelog_ray.predict import run_predict
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3 HTTP API on 127.0.0.1 (moto), a bucket `lifelog`, and the options that reach it."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    # The test server takes any key; real credentials come from the environment or the instance profile.
+    options = {"s3": {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}}
+    fs = s3fs.S3FileSystem(**options["s3"])
+    fs.mkdir("lifelog")
+    yield fs, options
+    server.stop()
+
+
+def _on_s3(cfg: StudyConfig, options: dict, **paths: str) -> StudyConfig:
+    d = cfg.model_dump()
+    for key, value in paths.items():
+        section, name = key.split("__")
+        d[section][name] = value
+    d["storage"]["options"] = options
+    return StudyConfig.model_validate(d)
+
+
+def test_storage_helpers_on_s3_and_local(s3, tmp_path):
+    fs, options = s3
+    base = storage.to_path("s3://lifelog/helpers", options)
+    assert storage.is_remote(base) and isinstance(base, UPath)
+    assert type(storage.to_path(str(tmp_path))) is type(Path())  # local stays a plain pathlib.Path
+    assert storage.to_path(f"file://{tmp_path}") == tmp_path
+    storage.write_bytes_atomic(b"one", base / "a" / "1.txt")
+    storage.write_table_atomic(pa.table({"x": [1, 2, 3]}), base / "b" / "t.parquet")
+    assert [storage.relative(f, base) for f in storage.files(base)] == ["a/1.txt", "b/t.parquet"]
+    assert storage.read_parquet(base / "b" / "t.parquet")["x"].tolist() == [1, 2, 3]
+    assert storage.read_bytes("s3://lifelog/helpers/a/1.txt", options) == b"one"
+    with storage.local_copy(base / "a") as local:
+        assert (local / "1.txt").read_bytes() == b"one"
+    storage.rmtree(base)
+    assert not fs.exists("lifelog/helpers/a/1.txt")
+    with pytest.raises(storage.StorageError, match="nosuchfs://"):
+        storage.to_path("nosuchfs://bucket/x")
+    if importlib.util.find_spec("gcsfs") is None:  # the `cloud` extra is not installed: say which package
+        with pytest.raises(storage.StorageError, match=r"lifelog-ray\[cloud\].*gcsfs"):
+            storage.to_path("gs://bucket/study")
+
+
+def test_ingest_from_s3_matches_local_and_rejects_paths_outside_the_root(s3, sample_lifelog, tmp_path):
+    fs, options = s3
+    fs.put(f"{sample_lifelog}/", "lifelog/ingest/raw/", recursive=True)
+    labels = pd.read_csv(sample_lifelog / "labels.csv", dtype=str)
+    extra = pd.DataFrame({"image_path": ["../other/20160815_090000_000.jpg", "2016-08-15/nope.jpg",
+                                         "s3://lifelog/elsewhere/x.jpg"], "label": ["Eating"] * 3})
+    with fs.open("lifelog/ingest/raw/labels.csv", "w") as f:
+        pd.concat([labels, extra], ignore_index=True).to_csv(f, index=False)
+    fs.pipe("lifelog/ingest/other/20160815_090000_000.jpg", b"not read")
+
+    local = build_manifest(study_config(sample_lifelog, tmp_path / "local"))
+    cfg = _on_s3(study_config(sample_lifelog, tmp_path / "s"), options, data__root="s3://lifelog/ingest/raw",
+                 data__labels="s3://lifelog/ingest/raw/labels.csv")
+    remote = build_manifest(cfg)
+
+    assert remote.input_rows == local.input_rows + 3
+    assert len(remote.manifest) + len(remote.rejects) == remote.input_rows
+    cols = ["image_id", "label", "split", "day", "rel_path"]
+    pd.testing.assert_frame_equal(remote.manifest[cols], local.manifest[cols])  # same images, same splits
+    assert remote.manifest["path"].str.startswith("s3://lifelog/ingest/raw/").all()
+    rej = remote.rejects.set_index("path")["reason"]
+    new = rej[rej.index.isin(extra["image_path"])].to_dict()
+    assert new == {"../other/20160815_090000_000.jpg": "path_outside_root", "2016-08-15/nope.jpg": "missing_file",
+                   "s3://lifelog/elsewhere/x.jpg": "path_outside_root"}
+
+
+def test_whole_study_and_predict_with_images_and_outputs_on_s3(s3, sample_lifelog, ray_local, tmp_path):
+    fs, options = s3
+    fs.put(f"{sample_lifelog}/", "lifelog/study-run/raw/", recursive=True)
+    cfg = _on_s3(study_config(sample_lifelog, tmp_path / "unused"), options,
+                 data__root="s3://lifelog/study-run/raw", data__labels="s3://lifelog/study-run/raw/labels.csv",
+                 output__study="s3://lifelog/study-run/study")
+    rows = run_study(cfg)
+    assert [(r.stage, r.status) for r in rows] == [
+        ("manifest", "done"), ("extract", "done"), ("classify", "done"), ("finetune", "done"), ("report", "done")]
+    assert not (tmp_path / "unused").exists()  # everything went to the bucket
+
+    keys = set(fs.find("lifelog/study-run/study"))
+    s = "lifelog/study-run/study/"
+    for f in ("manifest.parquet", "rejects.parquet", "categories.csv", "config.yaml", "features/vgg19/_extract.json",
+              "classify/table3.md", "classify/_done.json", "finetune/table4.csv", "finetune/vgg19/m3/model.keras",
+              "finetune/vgg19/m3/learning_curves.png", "report/index.html"):
+        assert s + f in keys, f
+    assert any(k.startswith(s + "features/vgg19/fc2/2016-08/") and k.endswith(".parquet") for k in keys)
+    assert any(k.startswith(s + "finetune/_ray/") and k.endswith("state.json") for k in keys)  # Ray Train checkpoints
+    html = fs.cat(s + "report/index.html").decode()
+    assert "id='misclassified'" in html and "data:image/jpeg;base64," in html  # thumbnails read from S3
+
+    again = {r.stage: r.status for r in run_study(cfg)}  # resumable from the bucket's markers
+    assert again["extract"] == again["classify"] == again["finetune"] == "skipped"
+
+    day = "s3://lifelog/study-run/raw/2016-08-16"
+    out, n, _ = run_predict(cfg, day, which="approach1")
+    assert str(out) == "s3://lifelog/study-run/study/predictions/2016-08-16"
+    parts = [k for k in fs.find(out.path) if k.endswith(".parquet")]
+    assert parts and all("/day=" in k for k in parts)
+    import pyarrow.dataset as pads
+
+    afs, path = storage.arrow_filesystem(out)
+    pred = pads.dataset(path, filesystem=afs, format="parquet", partitioning="hive").to_table().to_pandas()
+    assert len(pred) == n == len([k for k in fs.find(day[len("s3://"):]) if k.endswith(".jpg")])
+    ok = pred[pred["error"] == ""]
+    assert len(ok) and ok["predicted_label"].notna().all()
+
+
+def test_cli_reads_a_lifelog_on_s3_with_storage_options_from_set(s3, sample_lifelog, tmp_path, capsys):
+    from lifelog_ray.cli import main
+
+    fs, options = s3
+    fs.put(f"{sample_lifelog}/", "lifelog/cli/raw/", recursive=True)
+    sets = [f"storage.options.s3.{k}={v}" for k, v in options["s3"].items()]
+    argv = ["manifest", "--root", "s3://lifelog/cli/raw", "--labels", "s3://lifelog/cli/raw/labels.csv",
+            "--study", "s3://lifelog/cli/study", "--top-k", "5"]
+    assert main([*argv, *[a for s in sets for a in ("--set", s)]]) == 0
+    assert re.search(r"input rows: \d+ = manifest \d+ \+ rejects", capsys.readouterr().out)
+    assert fs.exists("lifelog/cli/study/manifest.parquet")
+    assert main([*argv, "--set", "storage.options.s3.endpoint_url=http://127.0.0.1:9"]) == 2  # nothing listens
+    assert "error: cannot use the storage location" in capsys.readouterr().err

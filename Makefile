@@ -29,6 +29,8 @@ test: $(STAMP) lint
 bench: $(STAMP)
 	$(BIN)/python benchmarks/extract.py
 	$(BIN)/python benchmarks/classify.py
+	$(BIN)/python benchmarks/finetune.py --epochs 3
+	$(BIN)/python benchmarks/storage.py
 
 # Known vulnerabilities in the installed dependencies (asks PyPI's advisory data; needs the network).
 audit: $(STAMP)

@@ -128,7 +128,8 @@ class UnitLedger:
     def markers(self) -> list[dict]:
         if not self.units_dir.exists():
             return []
-        return [json.loads(p.read_text("utf-8")) for p in storage.files(self.units_dir, (".json",))]
+        files = list(storage.files(self.units_dir, (".json",)))
+        return [json.loads(b) for b in storage.read_many(files)]
 
     def done_ids(self) -> set[str]:
         return {i for m in self.markers() for i in m["image_ids"]}

@@ -90,6 +90,13 @@ def read_bytes(path: str, options: Options | None = None) -> bytes:
         return f.read()
 
 
+def read_many(paths: list[Path]) -> list[bytes]:
+    """Several files' bytes, in order; on an object store fetched concurrently (one batch of GETs)."""
+    remote = [p for p in paths if is_remote(p)]
+    got = remote[0].fs.cat([p.path for p in remote]) if remote else {}
+    return [got[p.path] if is_remote(p) else p.read_bytes() for p in paths]
+
+
 def arrow_filesystem(p: Path) -> tuple[Any, str]:
     """(pyarrow filesystem or None, path inside it) for pyarrow.dataset / pyarrow.parquet."""
     if not is_remote(p):

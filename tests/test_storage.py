@@ -58,6 +58,10 @@ def test_storage_helpers_on_s3_and_local(s3, tmp_path):
     assert [storage.relative(f, base) for f in storage.files(base)] == ["a/1.txt", "b/t.parquet"]
     assert storage.read_parquet(base / "b" / "t.parquet")["x"].tolist() == [1, 2, 3]
     assert storage.read_bytes("s3://lifelog/helpers/a/1.txt", options) == b"one"
+    storage.write_bytes_atomic(b"two", base / "a" / "2.txt")
+    (tmp_path / "3.txt").write_bytes(b"three")
+    assert storage.read_many([base / "a" / "2.txt", tmp_path / "3.txt", base / "a" / "1.txt"]) == [
+        b"two", b"three", b"one"]  # in order, local and remote mixed
     with storage.local_copy(base / "a") as local:
         assert (local / "1.txt").read_bytes() == b"one"
     storage.rmtree(base)

@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lifelog_ray.backbones import BackboneSpec, FeatureExtractor, resolve_weights  # noqa: E402
 from lifelog_ray.config import load_config  # noqa: E402
-from lifelog_ray.images import decode_image, read_bytes  # noqa: E402
+from lifelog_ray.images import decode_image  # noqa: E402
 from lifelog_ray.sample import ACTIVITIES, draw_scene  # noqa: E402
+from lifelog_ray.storage import read_bytes  # noqa: E402
 
 LAYERS = ("flatten", "fc1", "fc2", "predictions")
 

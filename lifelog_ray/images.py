@@ -25,11 +25,6 @@ class DecodeError(Exception):
         self.detail = detail
 
 
-def read_bytes(path: str, options: Options | None = None) -> bytes:
-    """Local paths directly; URIs (s3://, gs://, ...) through fsspec with the config's storage options."""
-    return storage.read_bytes(path, options)
-
-
 def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16/32-bit grey: scale to 8 bits rather than clip (PIL's convert would saturate at 255).
@@ -110,7 +105,7 @@ class ImageDecoder:
         details = np.full(n, "", dtype=object)
         for i, p in enumerate(paths):
             try:
-                images[i] = decode_image(read_bytes(str(p), self.options), self.size, self.max_pixels, self.jpeg_draft)
+                images[i] = decode_image(storage.read_bytes(str(p), self.options), self.size, self.max_pixels, self.jpeg_draft)
             except DecodeError as e:
                 errors[i], details[i] = e.reason, e.detail
             except FileNotFoundError:

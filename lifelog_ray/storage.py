@@ -77,12 +77,6 @@ def to_path(p: str | os.PathLike, options: Options | None = None) -> Path:
         raise StorageError(f"{s}: cannot open a {protocol}:// location ({e}){extra}") from None
 
 
-def join(base: str | os.PathLike, rel: str, options: Options | None = None) -> str:
-    """``base/rel`` as a string, for URIs as well as local paths."""
-    b = os.fspath(base) if not isinstance(base, str) else base
-    return f"{b.rstrip('/')}/{rel}" if is_uri(b) else str(Path(b) / rel)
-
-
 def read_bytes(path: str, options: Options | None = None) -> bytes:
     if is_uri(path):
         return to_path(path, options).read_bytes()
@@ -122,38 +116,38 @@ def read_table(p: Path, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(pa.BufferReader(f.read()), columns=columns)
 
 
+@contextlib.contextmanager
+def _replacing(p: Path) -> Iterator[str]:
+    """A temp file in ``p``'s folder, renamed onto ``p`` when the block succeeds, removed otherwise."""
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def write_bytes_atomic(data: bytes, p: Path) -> Path:
     """Readers never see half a file: temp file + rename locally, one PUT on an object store."""
     if is_remote(p):
         p.write_bytes(data)  # an object PUT is atomic: the old object or the whole new one
         return p
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with _replacing(p) as tmp:
+        Path(tmp).write_bytes(data)
     return p
 
 
 def write_table_atomic(table: pa.Table, p: Path, **kwargs: Any) -> Path:
-    if not is_remote(p):
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-        os.close(fd)
-        try:
-            pq.write_table(table, tmp, **kwargs)
-            os.replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return p
-    buf = io.BytesIO()
-    pq.write_table(table, buf, **kwargs)
-    return write_bytes_atomic(buf.getvalue(), p)
+    if is_remote(p):
+        buf = io.BytesIO()
+        pq.write_table(table, buf, **kwargs)
+        return write_bytes_atomic(buf.getvalue(), p)
+    with _replacing(p) as tmp:  # straight to disk: a big shard is not held twice in memory
+        pq.write_table(table, tmp, **kwargs)
+    return p
 
 
 def rmtree(p: Path) -> None:
@@ -202,23 +196,6 @@ def scratch_dir(p: Path) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="lifelog-ray-scratch-") as d:
         yield Path(d)
-
-
-@contextlib.contextmanager
-def local_dir_for(p: Path) -> Iterator[Path]:
-    """A local folder whose files end up in ``p``: ``p`` itself locally, a temp folder uploaded on exit."""
-    if not is_remote(p):
-        p.mkdir(parents=True, exist_ok=True)
-        yield p
-        return
-    with tempfile.TemporaryDirectory(prefix="lifelog-ray-up-") as d:
-        yield Path(d)
-        upload(Path(d), p)
-
-
-def upload(local: Path, dest: Path) -> None:
-    for f in files(local):
-        write_bytes_atomic(f.read_bytes(), dest / f.relative_to(local).as_posix())
 
 
 @contextlib.contextmanager

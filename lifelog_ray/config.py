@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import LifelogError
 
@@ -143,6 +143,13 @@ class FinetuneConfig(_Section):
     @classmethod
     def _csv_list(cls, v: Any) -> Any:
         return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _batch_covers_workers(self) -> FinetuneConfig:
+        if self.batch_size < self.workers:  # the global batch is shared out, one share per worker
+            raise ValueError(f"batch_size ({self.batch_size}) is the global batch and must be at least "
+                             f"workers ({self.workers})")
+        return self
 
 
 class RayConfig(_Section):

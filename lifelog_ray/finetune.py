@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import storage
+from . import checkpoints, storage
 from .backbones import BackboneSpec, _build_base, legacy_keras_module, preprocess, resolve_weights
 from .config import FinetuneConfig, StudyConfig, write_resolved
 from .errors import LifelogError
@@ -100,7 +101,9 @@ def image_dataset(rows: pd.DataFrame, classes: list[str], size: int, max_pixels:
     ds = ds.map_batches(decode_batch, fn_kwargs={"size": size, "max_pixels": max_pixels, "options": options},
                         batch_size=batch,
                         num_cpus=0.5, batch_format="numpy")
-    return ds.map_batches(_keep_decoded, batch_format="numpy", batch_size=batch)
+    ds = ds.map_batches(_keep_decoded, batch_format="numpy", batch_size=batch)
+    ds.context.execution_options.preserve_order = True  # the same seed gives the same batches, resumed or not
+    return ds
 
 
 def _to_tf(shard, keras, model_name: str, batch: int, shuffle_seed: int | None):
@@ -109,21 +112,59 @@ def _to_tf(shard, keras, model_name: str, batch: int, shuffle_seed: int | None):
     ds = shard.to_tf(feature_columns="image", label_columns="label", batch_size=batch,
                      local_shuffle_buffer_size=4 * batch if shuffle_seed is not None else None,
                      local_shuffle_seed=shuffle_seed)
-    ds = ds.map(lambda x, y: (preprocess(keras, model_name, tf.cast(x, tf.float32)), y))
-    opts = tf.data.Options()
-    opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF  # Ray shards
-    return ds.with_options(opts)
+    return ds.map(lambda x, y: (preprocess(keras, model_name, tf.cast(x, tf.float32)), y))
 
 
-def _inject_fault(epoch: int) -> None:
+def replica_batches(strategy, shard, keras, model_name: str, batch: int, shuffle_seed: int | None):
+    """One worker's Ray shard as its replica's batches, handed to Keras already distributed.
+
+    Given a plain dataset, MultiWorkerMirroredStrategy rebatches each local batch into one piece per
+    worker, so a last local batch smaller than the worker count gives some replica an *empty* batch,
+    and TensorFlow's oneDNN fused Conv2D+BiasAdd+Relu returns a wrongly shaped tensor for an empty batch
+    ("input depth must be evenly divisible by filter depth: 3 vs 64" in block1_conv2). Ray Train splits
+    with ``equal=True``, so with no rebatching every worker runs the same steps and no batch is empty.
+    ``batch`` is the global batch; each replica takes its share.
+    """
+    per_replica = max(1, batch // strategy.num_replicas_in_sync)
+    return strategy.distribute_datasets_from_function(
+        lambda _ctx: _to_tf(shard, keras, model_name, per_replica, shuffle_seed))
+
+
+def replica_steps(n_rows: int, workers: int, batch: int) -> int:
+    """Keras needs a step count for a distributed dataset: an upper bound from the manifest's rows (each
+    worker holds at most ceil(n / workers) of them). Rows that fail to decode end the epoch early,
+    on every worker at the same step, since the shards are equal."""
+    per_replica = max(1, batch // workers)
+    return max(1, math.ceil(math.ceil(n_rows / workers) / per_replica))
+
+
+def _sum_over_workers(strategy, values: list[int]) -> list[int]:
+    import tensorflow as tf
+
+    local = tf.constant(values, tf.int64)
+    return [int(v) for v in strategy.reduce("SUM", strategy.run(lambda: tf.identity(local)), axis=None).numpy()]
+
+
+def _inject_fault(epoch: int, run_dir: str, options: dict | None, timeout_s: float = 300.0) -> None:
     """Test hook: crash the worker early in epoch ``epoch + 1``, as a lost node would.
 
-    The controller registers a checkpoint only once it has polled every rank's report
-    (every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``), so a crash right after ``report``
-    can beat the registration and lose the checkpoint, which no real crash mid-epoch
-    does. Waiting three poll intervals first makes the hook test resumption, not that race.
+    It first waits until the controller has registered epoch ``epoch``'s checkpoint (its snapshot file
+    names it): a crash right after ``report`` could otherwise beat the registration, which no real
+    crash in the middle of an epoch does. Waiting on that file, not on a clock, makes the hook the
+    same on every machine.
     """
-    time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
+    snapshot = storage.to_path(run_dir, options) / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            snap = json.loads(snapshot.read_text())
+            if any((r.get("metrics") or {}).get("epoch", 0) >= epoch for r in snap.get("checkpoint_results", [])):
+                break
+        except (OSError, ValueError):
+            pass  # not written yet, or caught mid-write
+        time.sleep(0.2)
+    else:
+        log.warning("fault hook: epoch %d's checkpoint not registered after %.0fs; crashing anyway", epoch, timeout_s)
     raise RuntimeError(f"injected fault in epoch {epoch + 1}, after epoch {epoch}'s checkpoint ({FAULT_ENV})")
 
 
@@ -144,36 +185,51 @@ def train_loop_per_worker(config: dict) -> None:
     if weights is not None and type(weights).__name__ == "ObjectRef":
         weights = ray.get(weights)
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    keras.utils.set_random_seed(f.seed)  # the new layers start alike in every attempt of the run
     with strategy.scope():
         model = build_method_model(keras, spec, method, len(classes), weights, f.m2_trainable_layers, f.m3_units)
         opt = (keras.optimizers.SGD(learning_rate=f.learning_rate, momentum=f.momentum) if f.optimizer == "sgd"
                else keras.optimizers.Adam(learning_rate=f.learning_rate))
         model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        opt.build(model.trainable_variables)  # its state exists now, so a checkpoint can restore it by name
     monitor = f.early_stopping_metric
     lower_is_better = "loss" in monitor
-    state = {"epoch": 0, "history": [], "best": None, "best_epoch": None, "wait": 0, "stopped": False,
-             "resumed_at": []}
+    state = {"checkpoint_format": checkpoints.FORMAT, "epoch": 0, "history": [], "best": None, "best_epoch": None,
+             "wait": 0, "stopped": False, "resumed_at": [], "restores": []}
     work = Path(tempfile.mkdtemp(prefix="lifelog-ft-"))
-    best_file = work / "best.weights.h5"
+    best_file = work / checkpoints.BEST
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            model.load_weights(str(Path(d) / "latest.weights.h5"))
-            state = json.loads((Path(d) / "state.json").read_text())
-            if (Path(d) / "best.weights.h5").exists():
-                shutil.copy(Path(d) / "best.weights.h5", best_file)
+            saved = checkpoints.read_state(Path(d))
+            checkpoints.check_format(saved, "this run's checkpoint")
+            initial = {k: v.numpy() for k, v in checkpoints.model_variables(model, trainable=False).items()}
+            arrays = checkpoints.load(Path(d) / checkpoints.LATEST)
+            checkpoints.restore(arrays, model, opt)
+            checked = checkpoints.verify(model, initial, arrays)
+            del initial, arrays
+            state = saved
+            if (Path(d) / checkpoints.BEST).exists():
+                shutil.copy(Path(d) / checkpoints.BEST, best_file)
         state["resumed_at"].append(state["epoch"])
+        # Every rank restored and verified its own copy; the sum says how many did, and how many weights each.
+        workers, frozen, trainable = _sum_over_workers(strategy, [1, checked["frozen"], checked["trainable"]])
+        state["restores"].append({"epoch": state["epoch"], "workers_verified": workers,
+                                  "frozen": frozen // workers, "trainable": trainable // workers})
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(state["epoch"], f.epochs):
         if state["stopped"]:
             break
         if config.get("fault_after_epoch") == epoch and not state["resumed_at"]:
-            _inject_fault(epoch)
+            _inject_fault(epoch, config["run_dir"], config.get("storage_options"))
         t0 = time.perf_counter()
-        train_tf = _to_tf(train_shard, keras, spec.model, f.batch_size, f.seed + epoch)
-        val_tf = _to_tf(val_shard, keras, spec.model, f.batch_size, None)
-        h = model.fit(train_tf, validation_data=val_tf, epochs=1, verbose=0)
+        train_tf = replica_batches(strategy, train_shard, keras, spec.model, f.batch_size, f.seed + epoch)
+        val_tf = replica_batches(strategy, val_shard, keras, spec.model, f.batch_size, None)
+        world = ctx.get_world_size()
+        h = model.fit(train_tf, validation_data=val_tf, epochs=1, verbose=0,
+                      steps_per_epoch=replica_steps(config["n_train"], world, f.batch_size),
+                      validation_steps=replica_steps(config["n_val"], world, f.batch_size))
         secs = time.perf_counter() - t0
         m = {k: float(v[-1]) for k, v in h.history.items()}
         n_seen = config["n_train"] / ctx.get_world_size()
@@ -183,28 +239,27 @@ def train_loop_per_worker(config: dict) -> None:
                                           (value < state["best"] if lower_is_better else value > state["best"]))
         if improved:
             state.update(best=value, best_epoch=epoch + 1, wait=0)
-            model.save_weights(str(best_file))
+            checkpoints.save(best_file, model)
         else:
             state["wait"] += 1
             state["stopped"] = state["wait"] >= f.patience  # a good fit: stop, keep the best epoch
         state["epoch"] = epoch + 1
         state["history"].append(m)
         with tempfile.TemporaryDirectory() as d:
-            model.save_weights(str(Path(d) / "latest.weights.h5"))
-            if best_file.exists():
-                shutil.copy(best_file, Path(d) / "best.weights.h5")
-            (Path(d) / "state.json").write_text(json.dumps(state))
+            if rank == 0:
+                checkpoints.save(Path(d) / checkpoints.LATEST, model, opt)
+                if best_file.exists():
+                    shutil.copy(best_file, Path(d) / checkpoints.BEST)
+                (Path(d) / checkpoints.STATE).write_text(json.dumps(state))
             ray.train.report(m, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
     if rank != 0:
         # ray.train.report is a barrier across the group: every rank reports, rank 0 with the results.
         ray.train.report({"final": 1.0}, checkpoint=None)
         return
     # Test once, with the best epoch's weights, on a plain (non-distributed) copy of the model.
-    plain = build_method_model(keras, spec, method, len(classes), None, f.m2_trainable_layers, f.m3_units)
-    if best_file.exists():
-        plain.load_weights(str(best_file))  # the best epoch, never assigned into the distributed model
-    else:
-        plain.set_weights(model.get_weights())
+    plain = build_method_model(keras, spec, method, len(classes), weights, f.m2_trainable_layers, f.m3_units)
+    checkpoints.restore(checkpoints.load(best_file) if best_file.exists()
+                        else checkpoints.named_arrays(model), plain)  # never assigned into the distributed model
     y_true, y_pred, ids = [], [], []
     for b in ray.train.get_dataset_shard("test").iter_batches(batch_size=f.batch_size, batch_format="numpy"):
         x = preprocess(keras, spec.model, tf.cast(b["image"], tf.float32))
@@ -215,7 +270,7 @@ def train_loop_per_worker(config: dict) -> None:
         plain.save(str(Path(d) / "model.keras"))
         np.savez(Path(d) / "test.npz", y_true=np.concatenate(y_true), y_pred=np.concatenate(y_pred),
                  image_id=np.concatenate(ids).astype(str))
-        (Path(d) / "state.json").write_text(json.dumps({**state, "final": True}))
+        (Path(d) / checkpoints.STATE).write_text(json.dumps({**state, "final": True}))
         ray.train.report({"final": 1.0}, checkpoint=Checkpoint.from_directory(d))
 
 
@@ -262,6 +317,16 @@ def plot_history(history: pd.DataFrame, path: Path, title: str) -> None:
     storage.write_bytes_atomic(buf.getvalue(), path)
 
 
+def refuse_old_checkpoints(run_dir: Path) -> None:
+    """A run checkpointed before named checkpoints (format 1) is refused before it can resume by position."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
+        return
+    latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    if latest and (run_dir / latest / checkpoints.STATE).exists():
+        checkpoints.check_format(checkpoints.read_state(run_dir / latest), str(run_dir))
+
+
 def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFrame, classes: list[str],
                  weights: list[np.ndarray]) -> FinetuneRun:
     import ray
@@ -285,19 +350,24 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
         for s in ("train", "val", "test")
     }
     # Checkpoints live with the study: on a multi-node cluster that must be S3/GCS or a shared filesystem.
+    name = f"{model}-{method}-{sig}"
+    refuse_old_checkpoints(study / "finetune" / "_ray" / name)
     ray_fs, ray_path = storage.arrow_filesystem(study / "finetune" / "_ray")
     if ray_fs is None:
         ray_path = str(Path(ray_path).resolve())
+    run_dir = str(study / "finetune" / "_ray" / name) if storage.is_remote(study) else str(Path(ray_path) / name)
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={"finetune": f.model_dump(), "spec": asdict(spec), "method": method, "classes": classes,
                            "weights": ray.put(weights), "n_train": int((manifest["split"] == "train").sum()),
-                           "fault_after_epoch": int(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None},
+                           "n_val": int((manifest["split"] == "val").sum()),
+                           "fault_after_epoch": int(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None,
+                           "run_dir": run_dir, "storage_options": cfg.storage.options},
         scaling_config=ray.train.ScalingConfig(
             num_workers=f.workers, use_gpu=f.gpus_per_worker > 0,
             resources_per_worker={"CPU": f.cpus_per_worker, **({"GPU": f.gpus_per_worker} if f.gpus_per_worker else {})}),
         run_config=ray.train.RunConfig(
-            name=f"{model}-{method}-{sig}", storage_path=ray_path, storage_filesystem=ray_fs,
+            name=name, storage_path=ray_path, storage_filesystem=ray_fs,
             failure_config=ray.train.FailureConfig(max_failures=f.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets=datasets,
@@ -325,7 +395,7 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
             "f1_weighted")
     scores_ = {k: rep[k] for k in keys}
     meta = {"signature": sig, "epochs": state["epoch"], "best_epoch": state["best_epoch"],
-            "resumed_at": state["resumed_at"], "scores": scores_, "report": rep, "classes": classes,
+            "resumed_at": state["resumed_at"], "restores": state.get("restores", []), "scores": scores_, "report": rep, "classes": classes,
             "image_size": f.image_size, "preprocess": f"keras.applications.{model}.preprocess_input"}
     write_resolved(cfg, out)
     atomic_write_text(json.dumps(meta, indent=1), done)  # last: marks the run complete

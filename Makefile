@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DEMO_DIR ?= demo
 
-.PHONY: venv demo test lint bench audit clean
+.PHONY: venv demo test test-fast lint bench audit clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check lifelog_ray tests jobs benchmarks
 
+# The full suite (what CI runs).
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -ra tests
+
+# The edit loop: unit tests with no Ray, subprocess or S3 server (a few minutes on 2 cores).
+test-fast: $(STAMP) lint
+	$(BIN)/python -m pytest -q -ra -m "not integration and not slow" tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/extract.py

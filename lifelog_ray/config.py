@@ -153,7 +153,8 @@ class FinetuneConfig(_Section):
 
 
 class RayConfig(_Section):
-    address: str | None = None  # None: RAY_ADDRESS, a running local cluster, else a new local Ray
+    address: str | None = None  # None: RAY_ADDRESS, a running local cluster, else a new local Ray; "local": new
+    log_to_driver: bool = True  # workers' stdout/stderr on the driver's console
     num_cpus: int | None = None  # only for a new local Ray
     num_gpus: int | None = None
     progress_bars: bool = True

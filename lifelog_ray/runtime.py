@@ -12,7 +12,8 @@ from .config import RayConfig
 
 log = logging.getLogger(__name__)
 
-# Workers inherit these so TF logs stay quiet and Ray Train's TF path finds tf-keras.
+# Every Ray worker of ours gets this environment, however Ray was started (CLI, job, Python API, tests):
+# TensorFlow's C++ INFO lines and DeprecationWarnings stay out of the logs.
 WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
 
 
@@ -30,14 +31,15 @@ def running_local_cluster() -> str | None:
 
 def ensure_ray(cfg: RayConfig | None = None) -> None:
     """Use an initialised Ray as is; else `cfg.address` / RAY_ADDRESS (a job's cluster); else a running
-    local cluster (`ray start --head`); else a new local Ray for this process."""
+    local cluster (`ray start --head`); else a new local Ray for this process. `address: local` always
+    starts a new local Ray (the tests use it, so they never join a cluster you have running)."""
     import ray
 
     cfg = cfg or RayConfig()
     if not ray.is_initialized():
         address = cfg.address or os.environ.get("RAY_ADDRESS") or running_local_cluster()
-        kwargs = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": True}
-        if address:
+        kwargs = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": cfg.log_to_driver}
+        if address and address != "local":
             log.info("connecting to Ray at %s", address)
             ray.init(address=address, **kwargs)
         else:

@@ -5,33 +5,32 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def write_image(path: Path, color: tuple[int, int, int] = (120, 60, 30), size: tuple[int, int] = (48, 40)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(abs(hash(str(path))) % 2**32)
-    arr = np.clip(np.array(color)[None, None, :] + rng.normal(0, 10, (size[1], size[0], 3)), 0, 255)
-    Image.fromarray(arr.astype(np.uint8)).save(path)
-    return path
+def pytest_collection_modifyitems(config, items):
+    """Tiers: a test that needs the shared Ray or the S3 server is `integration` (left out of `make
+    test-fast`); tests that start their own Ray cluster (`cluster`) run after all the others, once the
+    shared Ray is no longer needed."""
+    for item in items:
+        if {"ray_local", "s3"} & set(item.fixturenames) or item.get_closest_marker("cluster"):
+            item.add_marker(pytest.mark.integration)
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)  # stable: order kept otherwise
 
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the whole test session (2 CPUs, like this machine)."""
+    """One local Ray for the whole test session (2 CPUs, like this machine), started the way the CLI starts
+    it, so the workers' environment is the one users get."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
-    from ray.data import DataContext
+    from lifelog_ray.config import RayConfig
+    from lifelog_ray.runtime import ensure_ray
 
-    DataContext.get_current().enable_progress_bars = False
+    ensure_ray(RayConfig(address="local", num_cpus=2, progress_bars=False, log_to_driver=False))
     yield ray
     ray.shutdown()
 

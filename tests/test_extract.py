@@ -10,41 +10,14 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_image
+from helpers import LAYERS, SIZE, extract_config, make_study
 from PIL import Image
 
 from lifelog_ray.backbones import BackboneSpec, WeightsError, resolve_weights
-from lifelog_ray.config import load_config
 from lifelog_ray.errors import LifelogError
 from lifelog_ray.extract import accounting, read_features, run_extract
 from lifelog_ray.images import DecodeError, decode_image
 from lifelog_ray.ingest import build_manifest
-
-SIZE = 32  # the smallest input VGG accepts: keeps the tests fast on 2 cores
-LAYERS = ["flatten", "fc1", "fc2", "predictions"]
-
-
-def make_study(tmp: Path, n_per_class: int = 6, day: str = "2016-08-15", root: Path | None = None, rows=None):
-    root = root or tmp / "lifelog"
-    rows = rows if rows is not None else []
-    colors = {"walking": (30, 160, 40), "car": (40, 40, 40), "eating food": (200, 150, 90)}
-    sec = len(rows) * 30
-    for label, color in colors.items():
-        for _ in range(n_per_class):
-            sec += 30
-            rel = f"{day}/{day.replace('-', '')}_{8 + sec // 3600:02d}{(sec // 60) % 60:02d}{sec % 60:02d}_000.png"
-            write_image(root / rel, color)
-            rows.append((rel, label))
-    pd.DataFrame(rows, columns=["image_path", "label"]).to_csv(tmp / "labels.csv", index=False)
-    return root, rows
-
-
-def cfg(tmp: Path, root: Path, **extract):
-    over = {"data.root": str(root), "data.labels": str(tmp / "labels.csv"), "output.study": str(tmp / "study"),
-            "extract.weights": "none", "extract.image_size": SIZE, "extract.batch_size": 8,
-            "extract.unit_size": 8, "ray.progress_bars": False}
-    over.update({f"extract.{k}": v for k, v in extract.items()})
-    return load_config(None, over)
 
 
 def test_features_equal_keras_predict_for_every_tap(tmp_path, ray_local):
@@ -62,7 +35,7 @@ def test_features_equal_keras_predict_for_every_tap(tmp_path, ray_local):
     official = tmp_path / "vgg19_weights_tf_dim_ordering_tf_kernels.h5"
     with h5py.File(official, "w") as f:
         legacy_h5_format.save_weights_to_hdf5_group(f, ref)
-    build_manifest(cfg(tmp_path, root))
+    build_manifest(extract_config(tmp_path, root))
     manifest = pd.read_parquet(tmp_path / "study" / "manifest.parquet")
     taps = keras.Model(ref.inputs, [ref.get_layer(n).output for n in LAYERS])
     imgs = np.stack([
@@ -71,7 +44,7 @@ def test_features_equal_keras_predict_for_every_tap(tmp_path, ray_local):
     ])
     expected = dict(zip(LAYERS, taps.predict(keras.applications.vgg19.preprocess_input(imgs), verbose=0)))
     for weights in (native, official):
-        run_extract(cfg(tmp_path, root, weights=str(weights), overwrite=True))
+        run_extract(extract_config(tmp_path, root, weights=str(weights), overwrite=True))
         for layer in LAYERS:
             t = read_features(tmp_path / "study", "vgg19", layer).to_pandas().set_index("image_id")
             got = np.stack(t.loc[manifest["image_id"], "features"].to_numpy())
@@ -135,7 +108,7 @@ def test_bad_images_become_rejects_and_accounting_holds(tmp_path, ray_local):
     corpus = bad_corpus(root)
     rows += [(p, lab) for p, lab, _ in corpus]
     pd.DataFrame(rows, columns=["image_path", "label"]).to_csv(tmp_path / "labels.csv", index=False)
-    c = cfg(tmp_path, root, max_image_pixels=40_000)  # 300x300 = 90,000 px: over twice the limit
+    c = extract_config(tmp_path, root, max_image_pixels=40_000)  # 300x300 = 90,000 px: over twice the limit
     build_manifest(c)
     (summary,) = run_extract(c)
     want = {Path(p).stem: r for p, _, r in corpus}
@@ -154,7 +127,7 @@ def test_bad_images_become_rejects_and_accounting_holds(tmp_path, ray_local):
 
 def test_resume_growth_and_readers_without_ray(tmp_path, ray_local):
     root, rows = make_study(tmp_path, n_per_class=6)
-    c = cfg(tmp_path, root, layers="fc2,predictions")
+    c = extract_config(tmp_path, root, layers="fc2,predictions")
     build_manifest(c)
     (first,) = run_extract(c)
     assert first.processed == 18
@@ -185,7 +158,7 @@ def test_resume_growth_and_readers_without_ray(tmp_path, ray_local):
     assert n == 24
     # Asking for other taps than the folder holds is a clear error, not a silent mix.
     with pytest.raises(LifelogError, match="--overwrite"):
-        run_extract(cfg(tmp_path, root, layers="fc1"))
+        run_extract(extract_config(tmp_path, root, layers="fc1"))
     shutil.rmtree(tmp_path / "study" / "features")
 
 

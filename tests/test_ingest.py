@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import write_image
+from helpers import write_image
 
 from lifelog_ray.config import ConfigError, load_config
 from lifelog_ray.ingest import IngestError, assign_splits, build_manifest, largest_remainder

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pytest
-from test_extract import LAYERS, cfg, make_study
+from helpers import LAYERS, extract_config, make_study
 
 from lifelog_ray.extract import accounting, read_features, run_extract
 from lifelog_ray.ingest import build_manifest
@@ -32,7 +32,7 @@ def test_model_actor_killed_mid_extraction(tmp_path, ray_local):
 
     root, _ = make_study(tmp_path, n_per_class=30)
     # 96 px: slow enough that most of the 90 images are still ahead when the first unit is done.
-    c = cfg(tmp_path, root, unit_size=8, batch_size=4, image_size=96)
+    c = extract_config(tmp_path, root, unit_size=8, batch_size=4, image_size=96)
     build_manifest(c)
     units = tmp_path / "study" / "features" / "vgg19" / "_units"
     killed: list[int] = []
@@ -63,6 +63,7 @@ def test_model_actor_killed_mid_extraction(tmp_path, ray_local):
     assert ray.is_initialized()
 
 
+@pytest.mark.integration  # runs the CLI in subprocesses, each starting its own Ray
 def test_driver_killed_then_rerun_resumes_with_less_work(tmp_path, sample_lifelog):
     study = tmp_path / "study"
     cli = [sys.executable, "-m", "lifelog_ray"]
@@ -124,7 +125,7 @@ def test_huge_but_legal_image_is_processed(tmp_path, ray_local):
     Image.new("RGB", (6000, 4000), (90, 140, 200)).save(big, quality=80)  # 24 MP, under PIL's limit
     rows.append(("2016-08-15/20160815_235959_000.jpg", "walking"))
     pd.DataFrame(rows, columns=["image_path", "label"]).to_csv(tmp_path / "labels.csv", index=False)
-    c = cfg(tmp_path, root, layers="predictions")
+    c = extract_config(tmp_path, root, layers="predictions")
     build_manifest(c)
     (s,) = run_extract(c)
     assert s.rejected == 0 and s.processed == 10

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pytest
-from test_study import study_config
+from helpers import study_config
 from upath import UPath
 
 from lifelog_ray import storage

@@ -5,28 +5,13 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import study_config
 
-from lifelog_ray.config import load_config
 from lifelog_ray.pipeline import run_study
 from lifelog_ray.predict import run_predict
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def study_config(root: Path, study: Path):
-    return load_config(None, {
-        "data.root": str(root), "data.labels": str(root / "labels.csv"), "data.top_k": 5,
-        "output.study": str(study), "extract.weights": "none", "extract.image_size": 32,
-        "extract.layers": "fc2,predictions", "extract.batch_size": 16,
-        "classify.search_space": str(ROOT / "jobs" / "configs" / "search_space_small.yaml"),
-        "classify.classifiers": "svm,naive_bayes,bayesian_ridge", "finetune.methods": "m3",
-        "finetune.weights": "none", "finetune.image_size": 32, "finetune.epochs": 1, "finetune.m3_units": 16,
-        "ray.progress_bars": False,
-    })
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_study import study_config
+from helpers import study_config
 
 from lifelog_ray.config import config_to_yaml
 
@@ -26,6 +26,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_submit_study_job_to_a_local_head(tmp_path, sample_lifelog):
     gcs, dash = free_port(), free_port()
     # Ray 2.60 starts local clusters with token auth; clients send ~/.ray/auth_token only in token mode.

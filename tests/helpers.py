@@ -1,0 +1,60 @@
+"""Builders the test modules share: generated images, small lifelogs and study configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from lifelog_ray.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_image(path: Path, color: tuple[int, int, int] = (120, 60, 30), size: tuple[int, int] = (48, 40)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(abs(hash(str(path))) % 2**32)
+    arr = np.clip(np.array(color)[None, None, :] + rng.normal(0, 10, (size[1], size[0], 3)), 0, 255)
+    Image.fromarray(arr.astype(np.uint8)).save(path)
+    return path
+
+
+SIZE = 32  # the smallest input VGG accepts: keeps the tests fast on 2 cores
+LAYERS = ["flatten", "fc1", "fc2", "predictions"]
+
+
+def make_study(tmp: Path, n_per_class: int = 6, day: str = "2016-08-15", root: Path | None = None, rows=None):
+    root = root or tmp / "lifelog"
+    rows = rows if rows is not None else []
+    colors = {"walking": (30, 160, 40), "car": (40, 40, 40), "eating food": (200, 150, 90)}
+    sec = len(rows) * 30
+    for label, color in colors.items():
+        for _ in range(n_per_class):
+            sec += 30
+            rel = f"{day}/{day.replace('-', '')}_{8 + sec // 3600:02d}{(sec // 60) % 60:02d}{sec % 60:02d}_000.png"
+            write_image(root / rel, color)
+            rows.append((rel, label))
+    pd.DataFrame(rows, columns=["image_path", "label"]).to_csv(tmp / "labels.csv", index=False)
+    return root, rows
+
+
+def extract_config(tmp: Path, root: Path, **extract):
+    over = {"data.root": str(root), "data.labels": str(tmp / "labels.csv"), "output.study": str(tmp / "study"),
+            "extract.weights": "none", "extract.image_size": SIZE, "extract.batch_size": 8,
+            "extract.unit_size": 8, "ray.progress_bars": False}
+    over.update({f"extract.{k}": v for k, v in extract.items()})
+    return load_config(None, over)
+
+
+def study_config(root: Path, study: Path):
+    return load_config(None, {
+        "data.root": str(root), "data.labels": str(root / "labels.csv"), "data.top_k": 5,
+        "output.study": str(study), "extract.weights": "none", "extract.image_size": 32,
+        "extract.layers": "fc2,predictions", "extract.batch_size": 16,
+        "classify.search_space": str(ROOT / "jobs" / "configs" / "search_space_small.yaml"),
+        "classify.classifiers": "svm,naive_bayes,bayesian_ridge", "finetune.methods": "m3",
+        "finetune.weights": "none", "finetune.image_size": 32, "finetune.epochs": 1, "finetune.m3_units": 16,
+        "ray.progress_bars": False,
+    })

@@ -152,3 +152,28 @@ def test_pca_variance_and_streaming_solver(tmp_path):
     assert sum(len(v) for v in inc.y.values()) == 1797
     fixed = load_feature_set(tmp_path, "digits", "pixels", 10, "randomized")
     assert fixed.n_components == 10
+
+
+def test_bayesian_ridge_classifier_passes_scikit_learns_checks():
+    from sklearn.utils.estimator_checks import check_estimator
+
+    from lifelog_ray.classify.estimators import BayesianRidgeClassifier
+
+    results = check_estimator(BayesianRidgeClassifier(), on_fail=None)
+    failed = [f"{r['check_name']}: {r['exception']}" for r in results if r["status"] == "failed"]
+    assert len(results) > 40 and not failed, failed
+
+
+def test_bayesian_ridge_classifier_is_per_class_regression_argmax():
+    """The paper's regression model as a classifier: unchanged by following scikit-learn's conventions."""
+    from sklearn.linear_model import BayesianRidge
+
+    from lifelog_ray.classify.estimators import BayesianRidgeClassifier
+
+    X, y = load_digits(return_X_y=True)
+    X, y = X[:400], y[:400]
+    clf = BayesianRidgeClassifier().fit(X[:300], y[:300])
+    by_hand = np.column_stack([BayesianRidge().fit(X[:300], (y[:300] == c).astype(float)).predict(X[300:])
+                               for c in np.unique(y)])
+    assert np.array_equal(clf.predict(X[300:]), np.unique(y)[by_hand.argmax(axis=1)])
+    assert np.allclose(clf.predict_proba(X[300:]).sum(axis=1), 1.0)

@@ -15,6 +15,9 @@ import yaml
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import BayesianRidge
 from sklearn.model_selection import ParameterGrid
+from sklearn.preprocessing import LabelBinarizer
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..errors import LifelogError
 
@@ -23,7 +26,9 @@ class BayesianRidgeClassifier(ClassifierMixin, BaseEstimator):
     """Bayesian ridge regression used as a classifier: one regression per class on one-hot targets.
 
     The predicted class is the argmax of the per-class outputs (a one-vs-rest least-squares classifier
-    with Bayesian shrinkage), the way the paper's regression model can label images at all.
+    with Bayesian shrinkage), the way the paper's regression model can label images at all. With two
+    classes one regression on -1/+1 targets gives a 1-D ``decision_function`` whose sign is the class,
+    as scikit-learn expects of a binary classifier.
     """
 
     def __init__(self, alpha_1: float = 1e-6, alpha_2: float = 1e-6, lambda_1: float = 1e-6,
@@ -35,23 +40,39 @@ class BayesianRidgeClassifier(ClassifierMixin, BaseEstimator):
         self.max_iter = max_iter
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> BayesianRidgeClassifier:
-        self.classes_ = np.unique(y)
-        self.estimators_ = []
-        for c in self.classes_:
-            reg = BayesianRidge(alpha_1=self.alpha_1, alpha_2=self.alpha_2, lambda_1=self.lambda_1,
-                                lambda_2=self.lambda_2, max_iter=self.max_iter)
-            self.estimators_.append(reg.fit(X, (y == c).astype(np.float64)))
+        X, y = validate_data(self, X, y)
+        check_classification_targets(y)
+        binary = len(np.unique(y)) == 2
+        self.label_binarizer_ = LabelBinarizer(neg_label=-1 if binary else 0, pos_label=1)
+        targets = self.label_binarizer_.fit_transform(y).astype(np.float64)
+        self.classes_ = self.label_binarizer_.classes_
+        if len(self.classes_) < 2:
+            raise ValueError(f"BayesianRidgeClassifier needs at least 2 classes in y; got 1 class ({self.classes_[0]!r})")
+        self.estimators_ = [
+            BayesianRidge(alpha_1=self.alpha_1, alpha_2=self.alpha_2, lambda_1=self.lambda_1,
+                          lambda_2=self.lambda_2, max_iter=self.max_iter).fit(X, targets[:, j])
+            for j in range(targets.shape[1])
+        ]
+        self.n_iter_ = max(e.n_iter_ for e in self.estimators_)
         return self
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
-        return np.column_stack([e.predict(X) for e in self.estimators_])
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False)
+        d = np.column_stack([e.predict(X) for e in self.estimators_])
+        return d[:, 0] if len(self.classes_) == 2 else d
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+        d = self.decision_function(X)
+        return self.classes_[(d > 0).astype(int)] if d.ndim == 1 else self.classes_[np.argmax(d, axis=1)]
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """Per-class regression outputs clipped at a small floor and normalised to sum to one."""
-        d = np.clip(self.decision_function(X), 1e-6, None)
+        """Per-class regression outputs clipped at a small floor and normalised to sum to one (two classes:
+        the -1..+1 output mapped onto 0..1 for the second class)."""
+        d = self.decision_function(X)
+        if d.ndim == 1:
+            d = np.column_stack([1 - (d + 1) / 2, (d + 1) / 2])
+        d = np.clip(d, 1e-6, None)
         return d / d.sum(axis=1, keepdims=True)
 
 

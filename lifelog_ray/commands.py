@@ -1,44 +1,161 @@
-"""Registers the stage subcommands of the CLI (each a thin layer over its stage module)."""
+"""Every `lifelog-ray` subcommand, defined once: its config flags, its other arguments and its handler.
+
+A config flag maps onto a dotted config key and overrides the --config file; the handler turns the
+resulting typed config into a call of the stage function and prints that stage's summary.
+"""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
 
 from . import storage
-from .cli import CLASSIFY_FLAGS, EXTRACT_FLAGS, FINETUNE_FLAGS, MANIFEST_FLAGS, _cfg, register
+from .config import ConfigError, StudyConfig, load_config
 from .errors import LifelogError
+
+Flag = tuple[str, str, dict[str, Any]]  # (flag, dotted config key, argparse kwargs)
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    handler: Callable[[argparse.Namespace], int]
+    flags: list[Flag] = field(default_factory=list)  # config flags
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None  # arguments that are not config keys
+    study: bool = True  # takes --config, --study, --set, ... (every command but `sample`)
+
+
+def config_from_args(args: argparse.Namespace, flags: list[Flag]) -> StudyConfig:
+    """The typed config: the --config file, then the command's flags, then each --set KEY=VALUE."""
+    overrides = {key: getattr(args, key) for _, key, _ in flags}
+    overrides["output.study"] = getattr(args, "study", None)
+    overrides["ray.address"] = getattr(args, "ray_address", None)
+    explicit = {}
+    for item in getattr(args, "set_", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set data.top_k=5")
+        try:
+            explicit[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
+    return load_config(args.config, overrides, explicit)
+
+
+# --- sample -------------------------------------------------------------------------------------------
+
+def _sample_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--days", type=int, default=4)
+    p.add_argument("--images-per-day", type=int, default=60)
+    p.add_argument("--image-size", default="320x240", help="WxH of the drawn images")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .sample import write_sample
+
+    w, h = (int(x) for x in args.image_size.lower().split("x"))
+    stats = write_sample(args.dir, seed=args.seed, days=args.days, images_per_day=args.images_per_day, image_size=(w, h))
+    print(f"sample lifelog written to {args.dir} (labels: {args.dir}/labels.csv): {stats}")
+    return 0
+
+
+# --- manifest -----------------------------------------------------------------------------------------
+
+MANIFEST_FLAGS: list[Flag] = [
+    ("--root", "data.root", {"help": "dataset root directory"}),
+    ("--labels", "data.labels", {"help": "labels CSV (minute table for ntcir14)"}),
+    ("--layout", "data.layout", {"choices": ["lsc", "ntcir14", "csv", "folder"]}),
+    ("--images-csv", "data.images_csv", {"help": "ntcir14: per-image CSV (image_id, image_path)"}),
+    ("--path-column", "data.path_column", {}),
+    ("--label-column", "data.label_column", {}),
+    ("--taxonomy", "data.taxonomy", {"help": "'paper' (bundled), a YAML file, or 'none'"}),
+    ("--top-k", "data.top_k", {"type": int}),
+    ("--split", "data.split", {"help": "train,val,test fractions, e.g. 0.6,0.2,0.2"}),
+    ("--seed", "data.seed", {"type": int}),
+    ("--allow-outside-root", "data.allow_outside_root", {"action": "store_true", "default": None}),
+]
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from .ingest import build_manifest
+
+    res = build_manifest(config_from_args(args, MANIFEST_FLAGS))
+    print(res.accounting())
+    print(res.categories.to_string(index=False))
+    print(f"manifest: {res.study / 'manifest.parquet'}  rejects: {res.study / 'rejects.parquet'}")
+    return 0
+
+
+# --- extract ------------------------------------------------------------------------------------------
+
+EXTRACT_FLAGS: list[Flag] = [
+    ("--model", "extract.models", {"help": "vgg19 or vgg16 (comma list for both)"}),
+    ("--layers", "extract.layers", {"help": "comma list of layer names (default flatten,fc1,fc2,predictions)"}),
+    ("--weights", "extract.weights", {"help": "imagenet | none | PATH to a weights file"}),
+    ("--batch-size", "extract.batch_size", {"type": int}),
+    ("--precision", "extract.precision", {"choices": ["float32", "bfloat16", "float16"]}),
+    ("--image-size", "extract.image_size", {"type": int, "help": "input side (224 for imagenet weights)"}),
+    ("--num-actors", "extract.num_actors", {"type": int}),
+    ("--overwrite", "extract.overwrite", {"action": "store_true", "default": None}),
+]
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from .extract import run_extract
 
-    cfg = _cfg(args, EXTRACT_FLAGS)
-    for s in run_extract(cfg):
+    for s in run_extract(config_from_args(args, EXTRACT_FLAGS)):
         print(s.line())
     return 0
 
 
-register("extract", "extract VGG features (all taps in one pass) into Parquet shards", EXTRACT_FLAGS, cmd_extract)
+# --- classify -----------------------------------------------------------------------------------------
+
+CLASSIFY_FLAGS: list[Flag] = [
+    ("--models", "classify.models", {"help": "comma list of feature models (default: all present)"}),
+    ("--layers", "classify.layers", {"help": "comma list of layers (default: all present)"}),
+    ("--classifiers", "classify.classifiers",
+     {"help": "comma list, e.g. svm,random_forest,naive_bayes,xgboost,bayesian_ridge"}),
+    ("--pca", "classify.pca", {"help": "variance fraction (0.95), a component count, or 'off'"}),
+    ("--select-metric", "classify.select_metric", {}),
+    ("--search-space", "classify.search_space", {"help": "YAML file of grids per classifier"}),
+    ("--refit-on", "classify.refit_on", {"choices": ["train", "train+val"]}),
+]
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
     from .classify.study import run_classify
 
-    cfg = _cfg(args, CLASSIFY_FLAGS)
-    res = run_classify(cfg)
+    res = run_classify(config_from_args(args, CLASSIFY_FLAGS))
     print((res.output / "table3.md").read_text("utf-8"))
     print(res.line())
     return 0
 
 
-register("classify", "PCA + classifier battery, grid-searched on validation with Ray Tune (Table 3)",
-         CLASSIFY_FLAGS, cmd_classify)
+# --- finetune -----------------------------------------------------------------------------------------
+
+FINETUNE_FLAGS: list[Flag] = [
+    ("--models", "finetune.models", {"help": "vgg19,vgg16"}),
+    ("--methods", "finetune.methods", {"help": "m1,m2,m3"}),
+    ("--weights", "finetune.weights", {"help": "imagenet | none | PATH"}),
+    ("--epochs", "finetune.epochs", {"type": int}),
+    ("--batch-size", "finetune.batch_size", {"type": int}),
+    ("--workers", "finetune.workers", {"type": int}),
+    ("--image-size", "finetune.image_size", {"type": int}),
+    ("--gpus-per-worker", "finetune.gpus_per_worker", {"type": float}),
+]
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .finetune import run_finetune
 
-    cfg = _cfg(args, FINETUNE_FLAGS)
+    cfg = config_from_args(args, FINETUNE_FLAGS)
     runs = run_finetune(cfg)
     print((cfg.study_dir / "finetune" / "table4.md").read_text("utf-8"))
     for r in runs:
@@ -47,57 +164,69 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-register("finetune", "fine-tune VGG (M1/M2/M3) with Ray Train (Table 4, learning curves)", FINETUNE_FLAGS,
-         cmd_finetune)
-
+# --- report -------------------------------------------------------------------------------------------
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import build_report
 
-    cfg = _cfg(args, [])
+    cfg = config_from_args(args, [])
     print(f"report: {build_report(cfg.study_dir, options=cfg.storage.options or None)}")
     return 0
 
 
-register("report", "write the self-contained HTML report of a study", [], cmd_report)
+# --- run ----------------------------------------------------------------------------------------------
+
+RUN_FLAGS: list[Flag] = MANIFEST_FLAGS + [
+    ("--weights", "extract.weights", {"help": "imagenet | none | PATH (extract; fine-tuning uses finetune.weights)"}),
+]
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stages", help="comma list of stages to run (default: all); the stages they need run first "
+                                    "when their outputs are missing")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import STAGES, format_summary, run_study
+    from .pipeline import format_summary, parse_stages, run_study
 
-    cfg = _cfg(args, RUN_FLAGS)
-    stages = tuple(s.strip() for s in args.stages.split(",")) if args.stages else STAGES
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise LifelogError(f"--stages: unknown stage(s) {unknown}; choose from {','.join(STAGES)}")
-    rows = run_study(cfg, stages)
+    cfg = config_from_args(args, RUN_FLAGS)
+    rows = run_study(cfg, parse_stages(args.stages))
     print(format_summary(rows, cfg.study_dir))
     return 0
 
 
-RUN_FLAGS = MANIFEST_FLAGS + [
-    ("--weights", "extract.weights", {"help": "imagenet | none | PATH (extract; fine-tuning uses finetune.weights)"}),
-]
-register("run", "the whole study: manifest -> extract -> classify -> finetune -> report (resumable)", RUN_FLAGS,
-         cmd_run)
+# --- predict ------------------------------------------------------------------------------------------
+
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", required=True, help="a folder of new images, a manifest .parquet or a .csv")
+    p.add_argument("--pipeline", default="auto", help="auto | approach1 | approach2 | MODEL/LAYER/CLASSIFIER")
+    p.add_argument("--name", help="output name under STUDY/predictions/ (default: the input's name)")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import run_predict
 
-    cfg = _cfg(args, [])
-    out, n, secs = run_predict(cfg, args.images, args.pipeline, args.name)
+    out, n, secs = run_predict(config_from_args(args, []), args.images, args.pipeline, args.name)
     print(f"predict: {n} images labelled in {secs}s -> {out} (partitioned by day)")
     return 0
 
 
-register("predict", "label new lifelog images with the study's best pipeline", [], cmd_predict)
+# --- audit --------------------------------------------------------------------------------------------
+
+def _audit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--model")
+    p.add_argument("--layer")
+    p.add_argument("--classifier")
+    p.add_argument("--top", type=int, default=20, help="suspects to print")
+    p.add_argument("--rerun-without-suspects", action="store_true",
+                   help="also refit the pipeline without the flagged training images; compare on test")
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from .audit import run_audit
 
-    cfg = _cfg(args, [])
+    cfg = config_from_args(args, [])
     out = run_audit(cfg, args.folds, args.model, args.layer, args.classifier, rerun=args.rerun_without_suspects)
     print(out.head(args.top)[["rank", "image_id", "given_label", "suggested_label", "score"]].to_string(index=False))
     print(f"audit: {int(out['is_issue'].sum())} of {len(out)} labels flagged -> {cfg.study_dir / 'audit'}")
@@ -107,15 +236,43 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_curve(args: argparse.Namespace) -> int:
-    from .audit import run_curve
+# --- curve --------------------------------------------------------------------------------------------
 
-    cfg = _cfg(args, [])
-    fractions = [float(x) for x in args.fractions.split(",")]
+def _curve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fractions", default="0.05,0.1,0.25,0.5,1.0")
+    p.add_argument("--seeds", type=int, default=3)
+
+
+def cmd_curve(args: argparse.Namespace) -> int:
+    from .curve import run_curve
+
+    cfg = config_from_args(args, [])
+    try:
+        fractions = [float(x) for x in args.fractions.split(",")]
+    except ValueError:
+        raise LifelogError(f"--fractions {args.fractions!r}: expected a comma list of numbers, e.g. 0.1,0.5,1.0") from None
     print(run_curve(cfg, fractions, args.seeds).to_string(index=False))
     print(f"curve -> {cfg.study_dir / 'curve'}")
     return 0
 
 
-register("audit", "rank likely mislabelled images (out-of-fold probabilities + cleanlab)", [], cmd_audit)
-register("curve", "test score against the amount of training data (a Ray Tune grid)", [], cmd_curve)
+COMMANDS: list[Command] = [
+    Command("sample", "write the bundled synthetic sample lifelog (LSC layout)", cmd_sample,
+            arguments=_sample_arguments, study=False),
+    Command("manifest", "build the study manifest from a lifelog on disk", cmd_manifest, MANIFEST_FLAGS),
+    Command("extract", "extract VGG features (all taps in one pass) into Parquet shards", cmd_extract,
+            EXTRACT_FLAGS),
+    Command("classify", "PCA + classifier battery, grid-searched on validation with Ray Tune (Table 3)",
+            cmd_classify, CLASSIFY_FLAGS),
+    Command("finetune", "fine-tune VGG (M1/M2/M3) with Ray Train (Table 4, learning curves)", cmd_finetune,
+            FINETUNE_FLAGS),
+    Command("report", "write the self-contained HTML report of a study", cmd_report),
+    Command("run", "the whole study: manifest -> extract -> classify -> finetune -> report (resumable)", cmd_run,
+            RUN_FLAGS, _run_arguments),
+    Command("predict", "label new lifelog images with the study's best pipeline", cmd_predict,
+            arguments=_predict_arguments),
+    Command("audit", "rank likely mislabelled images (out-of-fold probabilities + cleanlab)", cmd_audit,
+            arguments=_audit_arguments),
+    Command("curve", "test score against the amount of training data (a Ray Tune grid)", cmd_curve,
+            arguments=_curve_arguments),
+]

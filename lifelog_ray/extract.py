@@ -27,7 +27,7 @@ from .backbones import BackboneSpec, FeatureExtractor, resolve_weights, tap_widt
 from .config import StudyConfig, write_resolved
 from .errors import LifelogError
 from .images import decode_batch
-from .io import atomic_write_table, atomic_write_text, normalize_rejects, read_rejects, replace_stage_rejects
+from .rejects import normalize_rejects, read_rejects, replace_stage_rejects
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class ShardWriter:
                             "features": pa.FixedSizeListArray.from_arrays(feats.reshape(-1), feats.shape[1]),
                         }
                     )
-                    atomic_write_table(table, self.model_dir / layer / month_of(day) / f"{part}.parquet")
+                    storage.write_table_atomic(table, self.model_dir / layer / month_of(day) / f"{part}.parquet")
             bad = sel & ~ok
             rej = [
                 {"image_id": str(i), "path": str(p), "reason": str(r), "detail": str(d)}
@@ -148,7 +148,7 @@ class UnitLedger:
     def complete(self, unit: str, day: str, image_ids: list[str], parts: list[str], rejects: list[dict]) -> None:
         marker = {"unit": unit, "day": day, "image_ids": image_ids, "parts": sorted(p for p in parts if p),
                   "rejects": rejects, "finished": time.time()}
-        atomic_write_text(json.dumps(marker), self.units_dir / f"{unit}.json")
+        storage.write_text_atomic(json.dumps(marker), self.units_dir / f"{unit}.json")
 
     def rejects(self) -> pd.DataFrame:
         rows = [dict(r) for m in self.markers() for r in m["rejects"]]
@@ -183,7 +183,7 @@ def _check_signature(model_dir: Path, spec: BackboneSpec) -> None:
             )
         return
     model_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(json.dumps({**sig, "layers": list(spec.layers)}, indent=1), sig_path)
+    storage.write_text_atomic(json.dumps({**sig, "layers": list(spec.layers)}, indent=1), sig_path)
 
 
 def spec_for(cfg: StudyConfig, model: str) -> BackboneSpec:

@@ -28,7 +28,6 @@ from .backbones import BackboneSpec, _build_base, legacy_keras_module, preproces
 from .config import FinetuneConfig, StudyConfig, write_resolved
 from .errors import LifelogError
 from .images import decode_batch
-from .io import atomic_write_df, atomic_write_text
 from .metrics import full_report
 
 log = logging.getLogger(__name__)
@@ -383,12 +382,12 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
         with np.load(d / "test.npz", allow_pickle=False) as z:
             y_true, y_pred, ids = z["y_true"], z["y_pred"], z["image_id"]
     history = pd.DataFrame(state["history"])
-    atomic_write_text(history.to_csv(index=False), out / "history.csv")
+    storage.write_text_atomic(history.to_csv(index=False), out / "history.csv")
     plot_history(history, out / "learning_curves.png", f"{model} {method.upper()}")
     rep = full_report(y_true, y_pred, classes)
     cm = pd.DataFrame(rep["confusion"], index=classes, columns=classes)
-    atomic_write_text(cm.to_csv(index_label="true\\predicted"), out / "confusion.csv")
-    atomic_write_df(pd.DataFrame({"model": model, "method": method, "image_id": ids,
+    storage.write_text_atomic(cm.to_csv(index_label="true\\predicted"), out / "confusion.csv")
+    storage.write_df_atomic(pd.DataFrame({"model": model, "method": method, "image_id": ids,
                                   "true": [classes[i] for i in y_true], "pred": [classes[i] for i in y_pred]}),
                     out / "predictions.parquet")
     keys = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted", "recall_weighted",
@@ -398,7 +397,7 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
             "resumed_at": state["resumed_at"], "restores": state.get("restores", []), "scores": scores_, "report": rep, "classes": classes,
             "image_size": f.image_size, "preprocess": f"keras.applications.{model}.preprocess_input"}
     write_resolved(cfg, out)
-    atomic_write_text(json.dumps(meta, indent=1), done)  # last: marks the run complete
+    storage.write_text_atomic(json.dumps(meta, indent=1), done)  # last: marks the run complete
     return FinetuneRun(model, method, out, state["epoch"], state["best_epoch"], state["resumed_at"], False, scores_)
 
 
@@ -444,9 +443,9 @@ def run_finetune(cfg: StudyConfig) -> list[FinetuneRun]:
             f"cluster of {cpus:g} CPUs; lower finetune.cpus_per_worker or finetune.workers")
     runs = [finetune_one(cfg, model, method, manifest, classes, w) for model, method, w in plan]
     md, df = table4(runs)
-    atomic_write_text(md, study / "finetune" / "table4.md")
-    atomic_write_text(df.to_csv(index=False), study / "finetune" / "table4.csv")
-    atomic_write_df(pd.DataFrame([{"model": r.model, "method": r.method, **r.metrics, "epochs": r.epochs,
+    storage.write_text_atomic(md, study / "finetune" / "table4.md")
+    storage.write_text_atomic(df.to_csv(index=False), study / "finetune" / "table4.csv")
+    storage.write_df_atomic(pd.DataFrame([{"model": r.model, "method": r.method, **r.metrics, "epochs": r.epochs,
                                    "best_epoch": r.best_epoch} for r in runs]),
                     study / "finetune" / "results.parquet")
     return runs

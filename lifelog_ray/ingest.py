@@ -17,7 +17,7 @@ import pandas as pd
 from . import storage
 from .config import DataConfig, StudyConfig, write_resolved
 from .errors import LifelogError
-from .io import atomic_write_df, atomic_write_text, normalize_rejects, replace_stage_rejects
+from .rejects import normalize_rejects, replace_stage_rejects
 from .storage import Options, to_path
 from .taxonomy import Taxonomy
 
@@ -401,9 +401,9 @@ def build_manifest(cfg: StudyConfig) -> IngestResult:
 
     categories = category_table(manifest)
     study.mkdir(parents=True, exist_ok=True)
-    atomic_write_df(manifest, study / "manifest.parquet")
+    storage.write_df_atomic(manifest, study / "manifest.parquet")
     replace_stage_rejects(study, "ingest", rej)
-    atomic_write_text(categories.to_csv(index=False), study / "categories.csv")
+    storage.write_text_atomic(categories.to_csv(index=False), study / "categories.csv")
     write_resolved(cfg, study)
     result = IngestResult(manifest, rej, categories, len(cands), study, kept_splits)
     assert len(manifest) + len(rej) == len(cands), "ingest accounting broken"

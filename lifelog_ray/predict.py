@@ -21,7 +21,7 @@ from .config import StudyConfig
 from .errors import LifelogError
 from .images import decode_batch
 from .ingest import _derive_image_id, _scan_images, day_of, timestamp_from_exif, timestamp_from_name
-from .io import atomic_write_text
+from .results import best_row
 
 log = logging.getLogger(__name__)
 
@@ -72,24 +72,27 @@ class Choice:
 
 
 def choose_pipeline(study: Path, which: str) -> Choice:
-    """`auto`: the best test accuracy over both approaches; `approach1` / `approach2`; or `model/layer/clf`."""
-    cands: list[Choice] = []
+    """`auto`: the best pipeline over both approaches (`results.ranked`); `approach1` / `approach2`; or
+    `model/layer/clf`."""
+    cands: list[tuple[Choice, float]] = []  # approach 1 rows first: a full tie goes to approach 1
     if (study / "classify" / "results.parquet").exists():
         r = storage.read_parquet(study / "classify" / "results.parquet")
-        cands += [Choice(1, x.model, f"{x.layer}/{x.classifier}", x.accuracy) for x in r.itertuples()]
+        cands += [(Choice(1, x.model, f"{x.layer}/{x.classifier}", x.accuracy), x.f1_macro) for x in r.itertuples()]
     if (study / "finetune" / "results.parquet").exists():
         r = storage.read_parquet(study / "finetune" / "results.parquet")
-        cands += [Choice(2, x.model, x.method, x.accuracy) for x in r.itertuples()]
+        cands += [(Choice(2, x.model, x.method, x.accuracy), x.f1_macro) for x in r.itertuples()]
     if which.count("/") == 2:
         m, la, c = which.split("/")
         return Choice(1, m, f"{la}/{c}", float("nan"))
     if which in ("approach1", "approach2"):
-        cands = [c for c in cands if c.approach == int(which[-1])]
+        cands = [(c, f1) for c, f1 in cands if c.approach == int(which[-1])]
     elif which != "auto":
         raise LifelogError(f"--pipeline {which!r}: use auto, approach1, approach2 or MODEL/LAYER/CLASSIFIER")
     if not cands:
         raise LifelogError(f"{study}: no trained pipeline for --pipeline {which} (run classify / finetune first)")
-    return max(cands, key=lambda c: c.accuracy)
+    table = pd.DataFrame({"i": range(len(cands)), "accuracy": [c.accuracy for c, _ in cands],
+                          "f1_macro": [f1 for _, f1 in cands]})
+    return cands[int(best_row(table)["i"])][0]
 
 
 class PipelineClassifier:
@@ -190,7 +193,7 @@ def run_predict(cfg: StudyConfig, images: str, which: str = "auto", name: str | 
     storage.rmtree(out)  # the output is a function of the input: a rerun replaces it
     fs, path = storage.arrow_filesystem(out)
     ds.write_parquet(path if fs is not None else str(Path(path).resolve()), filesystem=fs, partition_cols=["day"])
-    atomic_write_text(json.dumps(choice.__dict__, default=float, indent=1), out / "_pipeline.json")
+    storage.write_text_atomic(json.dumps(choice.__dict__, default=float, indent=1), out / "_pipeline.json")
     n = len(rows)
     log.info("predicted %d images in %.1fs with %s", n, time.perf_counter() - t0, choice)
     return out, n, int(time.perf_counter() - t0)

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import yaml
 
 from . import storage
 from .errors import LifelogError
-from .io import atomic_write_text, read_rejects
+from .html import escape, png_uri, table, thumb
+from .metrics import TABLE_METRICS
+from .rejects import read_rejects
+from .results import best_row
+from .results import ranked as rank
 
 log = logging.getLogger(__name__)
 
@@ -32,29 +33,6 @@ td:first-child,th:first-child,td.l{text-align:left}
 .curves img,.cm img{max-width:100%}pre{background:#f7f7f7;padding:1rem;overflow:auto;font-size:.8rem}
 .warn{background:#fff4e0;border:1px solid #f0c070;padding:.6rem 1rem}
 """
-
-
-def _e(x: object) -> str:
-    return html.escape(str(x))
-
-
-def _png_uri(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64," + base64.b64encode(data).decode()
-
-
-def _table(df: pd.DataFrame, highlight_max: list[str] | None = None, fmt: str = "{:.2f}") -> str:
-    cols = list(df.columns)
-    best = {c: df[c].max() for c in (highlight_max or []) if c in df and df[c].notna().any()}
-    out = ["<table><thead><tr>" + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr></thead><tbody>"]
-    for _, r in df.iterrows():
-        cells = []
-        for c in cols:
-            v = r[c]
-            text = fmt.format(v) if isinstance(v, (float, np.floating)) and not pd.isna(v) else ("—" if pd.isna(v) else v)
-            cls = ' class="best"' if c in best and v == best[c] else ""
-            cells.append(f"<td{cls}>{_e(text)}</td>")
-        out.append("<tr>" + "".join(cells) + "</tr>")
-    return "".join(out) + "</tbody></table>"
 
 
 def _confusion_png(cm: pd.DataFrame, title: str) -> str:
@@ -78,21 +56,7 @@ def _confusion_png(cm: pd.DataFrame, title: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
-    return _png_uri(buf.getvalue())
-
-
-def _thumb(path: str, options: storage.Options | None = None) -> str | None:
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(io.BytesIO(storage.read_bytes(path, options))) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
-            im.thumbnail((300, 225))
-            buf = io.BytesIO()
-            im.save(buf, "JPEG", quality=80)
-            return _png_uri(buf.getvalue(), "image/jpeg")
-    except Exception:  # noqa: BLE001 - a thumbnail that fails is left out, the row stays in the table
-        return None
+    return png_uri(buf.getvalue())
 
 
 def _gallery(preds: pd.DataFrame, manifest: pd.DataFrame, limit: int, options: storage.Options | None = None) -> str:
@@ -102,10 +66,10 @@ def _gallery(preds: pd.DataFrame, manifest: pd.DataFrame, limit: int, options: s
     paths = manifest.set_index("image_id")["path"]
     figs = []
     for _, r in wrong.iterrows():
-        uri = _thumb(paths.get(r["image_id"], ""), options)
-        img = f"<img alt='{_e(r['image_id'])}' src='{uri}'>" if uri else "<div class='note'>(unreadable)</div>"
-        figs.append(f"<figure>{img}<figcaption><b>true:</b> {_e(r['true'])}<br><b>predicted:</b> "
-                    f"{_e(r['pred'])}<br><span class='note'>{_e(r['image_id'])}</span></figcaption></figure>")
+        uri = thumb(paths.get(r["image_id"], ""), options)
+        img = f"<img alt='{escape(r['image_id'])}' src='{uri}'>" if uri else "<div class='note'>(unreadable)</div>"
+        figs.append(f"<figure>{img}<figcaption><b>true:</b> {escape(r['true'])}<br><b>predicted:</b> "
+                    f"{escape(r['pred'])}<br><span class='note'>{escape(r['image_id'])}</span></figcaption></figure>")
     return f"<div class='gallery'>{''.join(figs)}</div>"
 
 
@@ -115,9 +79,9 @@ def build_report(study: str | Path, gallery_size: int = 24, options: storage.Opt
     if not (study / "manifest.parquet").exists():
         raise LifelogError(f"{study}: not a study directory (no manifest.parquet)")
     manifest = storage.read_parquet(study / "manifest.parquet")
-    parts = [f"<h1>Lifelog activity study: {_e(study.name)}</h1>",
+    parts = [f"<h1>Lifelog activity study: {escape(study.name)}</h1>",
              f"<p class='note'>Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by lifelog-ray from "
-             f"{_e(study if storage.is_remote(study) else study.resolve())}.</p>"]
+             f"{escape(study if storage.is_remote(study) else study.resolve())}.</p>"]
     cfg_text = (study / "config.yaml").read_text("utf-8") if (study / "config.yaml").exists() else ""
     if options is None and cfg_text:  # the images' storage options, as the study was run
         options = ((yaml.safe_load(cfg_text) or {}).get("storage") or {}).get("options")
@@ -128,17 +92,17 @@ def build_report(study: str | Path, gallery_size: int = 24, options: storage.Opt
     # Dataset: Table 2 and the accounting.
     parts.append("<h2 id='dataset'>Dataset (Table 2)</h2>")
     if (study / "categories.csv").exists():
-        parts.append(_table(storage.read_csv(study / "categories.csv")))
+        parts.append(table(storage.read_csv(study / "categories.csv")))
     rej = read_rejects(study)
     if len(rej):
         counts = rej.groupby(["stage", "reason"]).size().reset_index(name="images")
-        parts.append("<p>Rejected inputs (every input row is in the manifest or here):</p>" + _table(counts))
+        parts.append("<p>Rejected inputs (every input row is in the manifest or here):</p>" + table(counts))
 
     # Approach 1.
     cls_dir = study / "classify"
     best_rows = []
     if (cls_dir / "results.parquet").exists():
-        from .classify.study import TABLE_BLOCKS, _order_layers
+        from .classify.study import TABLE_BLOCKS, order_layers
 
         res = storage.read_parquet(cls_dir / "results.parquet")
         parts.append("<h2 id='table3'>Approach 1: pre-trained features + classifiers (Table 3)</h2>")
@@ -146,24 +110,24 @@ def build_report(study: str | Path, gallery_size: int = 24, options: storage.Opt
                      "Each cell is the classifier's best grid point on the validation split.</p>")
         for title, col in TABLE_BLOCKS:
             wide = res.pivot_table(index=["model", "layer"], columns="classifier", values=col).reset_index()
-            wide["order"] = wide["layer"].map({la: i for i, la in enumerate(_order_layers(list(wide["layer"])))})
+            wide["order"] = wide["layer"].map({la: i for i, la in enumerate(order_layers(list(wide["layer"])))})
             wide = wide.sort_values(["model", "order"]).drop(columns="order")
             clf_cols = [c for c in wide.columns if c not in ("model", "layer")]
             wide[clf_cols] = wide[clf_cols] * 100
-            parts.append(f"<h3>{_e(title)}</h3>" + _table(wide, highlight_max=clf_cols))
-        b = res.sort_values("accuracy", ascending=False).iloc[0]
+            parts.append(f"<h3>{escape(title)}</h3>" + table(wide, highlight_max=clf_cols))
+        b = best_row(res)
         best_rows.append({"approach": "1 (features + classifier)", "model": b["model"],
                           "variant": f"{b['layer']} + {b['classifier']}", "accuracy": 100 * b["accuracy"],
                           "f1_macro": 100 * b["f1_macro"]})
         tag = f"{b['model']}__{b['layer']}__{b['classifier']}"
         cm_path = cls_dir / "confusion" / f"{tag}.csv"
         if cm_path.exists():
-            parts.append(f"<h3>Confusion matrix of the best pipeline ({_e(tag.replace('__', ' / '))})</h3>"
+            parts.append(f"<h3>Confusion matrix of the best pipeline ({escape(tag.replace('__', ' / '))})</h3>"
                          f"<div class='cm'><img alt='confusion {tag}' src='{_confusion_png(storage.read_csv(cm_path, index_col=0), tag)}'></div>")
         if (cls_dir / "predictions.parquet").exists():
             preds = storage.read_parquet(cls_dir / "predictions.parquet")
             # The best pipeline's mistakes; if it made none, those of the best pipeline that made some.
-            ranked = res.sort_values(["accuracy", "f1_macro"], ascending=False)
+            ranked = rank(res)
             chosen, note = None, ""
             for _, r in ranked.iterrows():
                 p = preds[(preds["model"] == r["model"]) & (preds["layer"] == r["layer"])
@@ -171,7 +135,7 @@ def build_report(study: str | Path, gallery_size: int = 24, options: storage.Opt
                 if (p["true"] != p["pred"]).any():
                     chosen = p
                     name = f"{r['model']} / {r['layer']} / {r['classifier']}"
-                    note = (f"<p class='note'>Mistakes of {_e(name)}" +
+                    note = (f"<p class='note'>Mistakes of {escape(name)}" +
                             (" (the best pipeline made none)." if r is not ranked.iloc[0] and
                              (r["model"], r["layer"], r["classifier"]) != (b["model"], b["layer"], b["classifier"])
                              else ".") + "</p>")
@@ -185,19 +149,19 @@ def build_report(study: str | Path, gallery_size: int = 24, options: storage.Opt
     if (ft_dir / "results.parquet").exists():
         ft = storage.read_parquet(ft_dir / "results.parquet")
         parts.append("<h2 id='table4'>Approach 2: fine-tuning (Table 4)</h2>")
-        t4 = ft[["model", "method", "accuracy", "precision_macro", "recall_macro", "f1_macro", "epochs", "best_epoch"]].copy()
+        t4 = ft[["model", "method", *TABLE_METRICS, "epochs", "best_epoch"]].copy()
         t4["method"] = t4["method"].str.upper()
-        for c in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
+        for c in TABLE_METRICS:
             t4[c] = 100 * t4[c]
-        parts.append(_table(t4, highlight_max=["accuracy", "f1_macro"]))
-        b = ft.sort_values("accuracy", ascending=False).iloc[0]
+        parts.append(table(t4, highlight_max=["accuracy", "f1_macro"]))
+        b = best_row(ft)
         best_rows.append({"approach": "2 (fine-tuning)", "model": b["model"], "variant": b["method"].upper(),
                           "accuracy": 100 * b["accuracy"], "f1_macro": 100 * b["f1_macro"]})
         parts.append("<h3 id='curves'>Learning curves (Figure 2)</h3><div class='curves'>")
         for _, r in ft.iterrows():
             png = ft_dir / r["model"] / r["method"] / "learning_curves.png"
             if png.exists():
-                parts.append(f"<img alt='learning curves {r['model']} {r['method']}' src='{_png_uri(png.read_bytes())}'>")
+                parts.append(f"<img alt='learning curves {r['model']} {r['method']}' src='{png_uri(png.read_bytes())}'>")
         parts.append("</div>")
         for _, r in ft.iterrows():
             cm_path = ft_dir / r["model"] / r["method"] / "confusion.csv"
@@ -207,7 +171,7 @@ def build_report(study: str | Path, gallery_size: int = 24, options: storage.Opt
                              f"src='{_confusion_png(storage.read_csv(cm_path, index_col=0), title)}'></div>")
 
     if best_rows:
-        parts.insert(3, "<h2 id='best'>Best model per approach</h2>" + _table(pd.DataFrame(best_rows)))
+        parts.insert(3, "<h2 id='best'>Best model per approach</h2>" + table(pd.DataFrame(best_rows)))
         comp = []
         if (cls_dir / "results.parquet").exists():
             r1 = storage.read_parquet(cls_dir / "results.parquet").groupby("model")["accuracy"].max()
@@ -215,17 +179,59 @@ def build_report(study: str | Path, gallery_size: int = 24, options: storage.Opt
         if (ft_dir / "results.parquet").exists():
             r2 = storage.read_parquet(ft_dir / "results.parquet").groupby("model")["accuracy"].max()
             comp += [{"approach": "2", "model": m, "best accuracy": 100 * v} for m, v in r2.items()]
-        parts.append("<h2 id='vgg16-vs-vgg19'>VGG16 vs VGG19</h2>" + _table(pd.DataFrame(comp)))
+        parts.append("<h2 id='vgg16-vs-vgg19'>VGG16 vs VGG19</h2>" + table(pd.DataFrame(comp)))
 
-    for extra in ("audit", "curve"):
-        frag = study / extra / "section.html"
-        if frag.exists():
-            parts.append(frag.read_text("utf-8"))
+    parts += _audit_section(study, options) + _curve_section(study)
     if cfg_text:
-        parts.append(f"<h2 id='config'>Resolved config</h2><pre>{_e(cfg_text)}</pre>")
-    doc = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>lifelog-ray report: {_e(study.name)}"
+        parts.append(f"<h2 id='config'>Resolved config</h2><pre>{escape(cfg_text)}</pre>")
+    doc = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>lifelog-ray report: {escape(study.name)}"
            f"</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
     out = study / "report" / "index.html"
-    atomic_write_text(doc, out)
-    atomic_write_text(json.dumps(best_rows, indent=1, default=float), study / "report" / "summary.json")
+    storage.write_text_atomic(doc, out)
+    storage.write_text_atomic(json.dumps(best_rows, indent=1, default=float), study / "report" / "summary.json")
     return out
+
+
+def _audit_section(study: Path, options: storage.Options | None) -> list[str]:
+    """The label-noise audit, from what `audit` wrote: audit.json, per-category noise, suspects, rerun."""
+    d = study / "audit"
+    if not (d / "audit.json").exists():
+        return []
+    meta = json.loads((d / "audit.json").read_text("utf-8"))
+    issues = storage.read_parquet(d / "label_issues.parquet")
+    per_class = storage.read_csv(d / "per_category_noise.csv")
+    figs = []
+    for _, r in issues.head(16).iterrows():
+        uri = thumb(r["path"], options)
+        img = f"<img alt='{escape(r['image_id'])}' src='{uri}'>" if uri else ""
+        figs.append(f"<figure>{img}<figcaption><b>given:</b> {escape(r['given_label'])}<br><b>suggested:</b> "
+                    f"{escape(r['suggested_label'])}<br>score {r['score']:.3f}</figcaption></figure>")
+    pipeline = f"{escape(meta['model'])}/{escape(meta['layer'])} + {escape(meta['classifier'])}"
+    out = [f"<h2 id='audit'>Label-noise audit</h2><p class='note'>Out-of-fold probabilities from {pipeline}, "
+           f"ranked with confident learning (cleanlab). {meta['issues']} of {meta['images']} labels flagged. Test "
+           f"labels are never altered.</p>"
+           + table(per_class[["category", "Label Issues", "Label Noise", "Label Quality Score"]])
+           + f"<h3>Top suspects</h3><div class='gallery'>{''.join(figs)}</div>"]
+    if (d / "rerun.csv").exists():
+        pct = storage.read_csv(d / "rerun.csv")
+        for c in TABLE_METRICS:
+            pct[c] = (100 * pct[c]).round(2)
+        out.append("<h3 id='audit-rerun'>Before / after removing flagged training images</h3><p class='note'>"
+                   f"{pipeline} refitted with the same parameters. Only training images were removed; the test split "
+                   "and every label are unchanged, so both rows are scored against the same, possibly noisy, test "
+                   "labels.</p>" + table(pct))
+    return out
+
+
+def _curve_section(study: Path) -> list[str]:
+    """The data-availability curve, from what `curve` wrote: curve.json, curve.csv and curve.png."""
+    d = study / "curve"
+    if not (d / "curve.json").exists():
+        return []
+    meta = json.loads((d / "curve.json").read_text("utf-8"))
+    img = (f"<img alt='data-availability curve' src='{png_uri((d / 'curve.png').read_bytes())}'>"
+           if (d / "curve.png").exists() else "")
+    return [f"<h2 id='curve'>Data-availability curve</h2><p class='note'>{escape(meta['model'])}/"
+            f"{escape(meta['layer'])} + {escape(meta['classifier'])} trained on stratified fractions of the train "
+            f"split ({meta['seeds']} seeds each), scored on the fixed test split. Error bars: one standard "
+            f"deviation.</p>{img}" + table(storage.read_csv(d / "curve.csv"))]

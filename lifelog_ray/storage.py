@@ -215,3 +215,12 @@ def local_copy(p: Path) -> Iterator[Path]:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(f.read_bytes())
         yield out
+
+
+def write_text_atomic(text: str, p: str | os.PathLike) -> Path:
+    return write_bytes_atomic(text.encode("utf-8"), to_path(p))
+
+
+def write_df_atomic(df: pd.DataFrame, p: str | os.PathLike) -> Path:
+    """Readers never see half a file: temp file + rename locally, one object PUT on S3/GCS."""
+    return write_table_atomic(pa.Table.from_pandas(df, preserve_index=False), to_path(p))

@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lifelog_ray.audit import run_audit, run_curve
+from lifelog_ray.audit import run_audit
 from lifelog_ray.classify.study import run_classify
 from lifelog_ray.config import load_config
+from lifelog_ray.curve import run_curve
 from lifelog_ray.extract import run_extract
 from lifelog_ray.ingest import build_manifest
 from lifelog_ray.report import build_report

@@ -12,12 +12,12 @@ import pytest
 from sklearn.datasets import load_digits
 from sklearn.model_selection import GridSearchCV, PredefinedSplit, train_test_split
 
+from lifelog_ray import storage
 from lifelog_ray.classify.data import load_feature_set
 from lifelog_ray.classify.estimators import load_search_space
 from lifelog_ray.classify.study import load_pipeline, run_classify
 from lifelog_ray.config import load_config
 from lifelog_ray.errors import LifelogError
-from lifelog_ray.io import atomic_write_table
 from lifelog_ray.metrics import scores
 
 GRID = """
@@ -50,7 +50,7 @@ def write_digits(study: Path, model: str = "digits", layer: str = "pixels", n: i
         "day": ["2020-01-01"] * len(y),
         "features": pa.FixedSizeListArray.from_arrays(X.reshape(-1), X.shape[1]),
     })
-    atomic_write_table(table, study / "features" / model / layer / "2020-01" / "part0.parquet")
+    storage.write_table_atomic(table, study / "features" / model / layer / "2020-01" / "part0.parquet")
     classes = sorted(set(labels))
     enc = np.array([classes.index(v) for v in labels])
     return {"X": X, "y": enc, "tr": tr, "va": va, "te": te}

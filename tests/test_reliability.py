@@ -15,9 +15,9 @@ import pyarrow as pa
 import pytest
 from helpers import LAYERS, extract_config, make_study
 
+from lifelog_ray import storage
 from lifelog_ray.extract import accounting, read_features, run_extract
 from lifelog_ray.ingest import build_manifest
-from lifelog_ray.io import atomic_write_table
 
 
 def _check_exactly_once(study: Path, layers=LAYERS) -> None:
@@ -110,10 +110,10 @@ def test_interrupted_write_leaves_no_partial_shard(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pq, "write_table", dies_midway)
     with pytest.raises(OSError):
-        atomic_write_table(table, target)
+        storage.write_table_atomic(table, target)
     assert not target.exists() and list(target.parent.iterdir()) == []
     monkeypatch.setattr(pq, "write_table", real)
-    atomic_write_table(table, target)
+    storage.write_table_atomic(table, target)
     assert pd.read_parquet(tmp_path / "fc1").shape == (2, 2)
 
 

@@ -17,8 +17,8 @@ import pandas as pd
 from .. import storage
 from ..config import StudyConfig, write_resolved
 from ..errors import LifelogError
-from ..io import atomic_write_df, atomic_write_text
 from ..metrics import full_report
+from ..results import best_row
 from .data import FeatureSet, discover, load_feature_set, parse_pca
 from .estimators import ClassifierSpec, load_search_space, params_json
 from .search import evaluate_point, run_search
@@ -42,7 +42,7 @@ class ClassifyResult:
 
     def line(self) -> str:
         ok = (self.trials["status"] == "ok").sum()
-        best = self.results.sort_values("accuracy", ascending=False).iloc[0]
+        best = best_row(self.results)
         return (("classify (results current, skipped): " if self.skipped else "classify: ") + f"{len(self.trials)} trials ({ok} ok, {len(self.trials) - ok} failed) in "
                 f"{self.seconds:.0f}s; best test accuracy {100 * best['accuracy']:.2f}% "
                 f"({best['model']}/{best['layer']} + {best['classifier']}) -> {self.output}")
@@ -106,11 +106,11 @@ def _save_pipeline(out: Path, fs: FeatureSet, spec: ClassifierSpec, params: dict
             "params": params, "fixed": spec.fixed, "classes": fs.classes, "feature_width": fs.width,
             "pca_components": fs.n_components if fs.pca is not None else None, "format": fitted["format"],
             "sha256": files}
-    atomic_write_text(json.dumps(meta, indent=1, default=str), d / "pipeline.json")
+    storage.write_text_atomic(json.dumps(meta, indent=1, default=str), d / "pipeline.json")
     return d
 
 
-def _order_layers(layers: list[str]) -> list[str]:
+def order_layers(layers: list[str]) -> list[str]:
     known = [la for la in PAPER_LAYER_ORDER if la in layers]
     return known + sorted(la for la in layers if la not in known)
 
@@ -125,7 +125,7 @@ def table3(results: pd.DataFrame, classifiers: list[str]) -> tuple[str, pd.DataF
         md.append("|---|---|" + "---|" * len(classifiers))
         for m in models:
             sub = results[results["model"] == m]
-            for layer in _order_layers(list(sub["layer"].unique())):
+            for layer in order_layers(list(sub["layer"].unique())):
                 vals = {}
                 for c in classifiers:
                     hit = sub[(sub["layer"] == layer) & (sub["classifier"] == c)]
@@ -204,7 +204,7 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
     metric = f"val_{c.select_metric}"
     if metric not in trials:
         trials[metric] = np.nan
-    atomic_write_df(trials, out / "trials.parquet")
+    storage.write_df_atomic(trials, out / "trials.parquet")
     ok = trials[trials["status"] == "ok"]
     if ok.empty:
         raise LifelogError(f"classify: every trial failed; see {out / 'trials.parquet'} (column error)")
@@ -231,9 +231,9 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
         rep = fitted["report"]
         path = _save_pipeline(out, fs, spec, params, fitted)
         tag = f"{fs.model}__{fs.layer}__{spec.name}"
-        atomic_write_text(json.dumps(rep, indent=1), out / "reports" / f"{tag}.json")
+        storage.write_text_atomic(json.dumps(rep, indent=1), out / "reports" / f"{tag}.json")
         cm = pd.DataFrame(rep["confusion"], index=fs.classes, columns=fs.classes)
-        atomic_write_text(cm.to_csv(index_label="true\\predicted"), out / "confusion" / f"{tag}.csv")
+        storage.write_text_atomic(cm.to_csv(index_label="true\\predicted"), out / "confusion" / f"{tag}.csv")
         result_rows.append({
             "model": fs.model, "layer": fs.layer, "classifier": spec.name, "params": params_json(params),
             **{k: rep[k] for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro",
@@ -246,13 +246,13 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
                                          "image_id": fs.ids["test"], "true": [fs.classes[i] for i in fs.y["test"]],
                                          "pred": [fs.classes[i] for i in fitted["pred"]]}))
     results = pd.DataFrame(result_rows)
-    atomic_write_df(results, out / "results.parquet")
-    atomic_write_df(pd.concat(pred_frames, ignore_index=True), out / "predictions.parquet")
+    storage.write_df_atomic(results, out / "results.parquet")
+    storage.write_df_atomic(pd.concat(pred_frames, ignore_index=True), out / "predictions.parquet")
     md, csv = table3(results, [s.name for s in specs])
-    atomic_write_text(md, out / "table3.md")
-    atomic_write_text(csv.to_csv(index=False), out / "table3.csv")
+    storage.write_text_atomic(md, out / "table3.md")
+    storage.write_text_atomic(csv.to_csv(index=False), out / "table3.csv")
     write_resolved(cfg, out)
-    atomic_write_text(json.dumps({"signature": sig, "finished": time.time()}), done)  # last: marks complete
+    storage.write_text_atomic(json.dumps({"signature": sig, "finished": time.time()}), done)  # last: marks complete
     return ClassifyResult(trials, results, out, time.perf_counter() - t0)
 
 

@@ -1,4 +1,4 @@
-"""Atomic file writes and the study's rejects table (every input row ends in an output or a reject)."""
+"""The study's rejects table: every input row ends in an output or here, with its stage and reason."""
 
 from __future__ import annotations
 
@@ -6,24 +6,10 @@ import os
 from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
 
-from .storage import read_parquet, to_path, write_bytes_atomic, write_table_atomic
+from .storage import read_parquet, to_path, write_df_atomic
 
 REJECT_COLUMNS = ["image_id", "path", "row", "stage", "reason", "detail"]
-
-
-def atomic_write_table(table: pa.Table, path: str | os.PathLike) -> Path:
-    """Readers never see half a file: temp file + rename locally, one object PUT on S3/GCS."""
-    return write_table_atomic(table, to_path(path))
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
-    return write_bytes_atomic(text.encode("utf-8"), to_path(path))
-
-
-def atomic_write_df(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    return atomic_write_table(pa.Table.from_pandas(df, preserve_index=False), path)
 
 
 def empty_rejects() -> pd.DataFrame:
@@ -65,4 +51,4 @@ def replace_stage_rejects(study: str | os.PathLike, stage: str, rejects: pd.Data
     new = normalize_rejects(rejects)
     new["stage"] = stage
     merged = pd.concat([kept, new], ignore_index=True) if len(kept) else new
-    return atomic_write_df(merged, to_path(study) / "rejects.parquet")
+    return write_df_atomic(merged, to_path(study) / "rejects.parquet")

@@ -1,0 +1,51 @@
+"""The one rule that picks "the best pipeline", for every stage that needs one.
+
+Best first: the higher test accuracy, then the higher macro-F1; rows still tied keep their order in
+the results table (a stable sort), so the choice never depends on the sorting algorithm.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from . import storage
+from .errors import LifelogError
+
+RANK_BY = ["accuracy", "f1_macro"]
+
+
+def ranked(results: pd.DataFrame) -> pd.DataFrame:
+    """The rows best first (see the module docstring)."""
+    return results.sort_values(RANK_BY, ascending=False, kind="stable")
+
+
+def best_row(results: pd.DataFrame) -> pd.Series:
+    return ranked(results).iloc[0]
+
+
+@dataclass
+class Choice:
+    model: str
+    layer: str
+    classifier: str
+    params: dict
+
+
+def best_approach1(study: Path, model: str | None = None, layer: str | None = None,
+                   classifier: str | None = None) -> Choice:
+    """The best Approach-1 pipeline of the study, optionally among one model, layer or classifier."""
+    path = study / "classify" / "results.parquet"
+    if not path.exists():
+        raise LifelogError(f"{study}: no classify results; run `lifelog-ray classify` first")
+    r = storage.read_parquet(path)
+    for col, v in (("model", model), ("layer", layer), ("classifier", classifier)):
+        if v:
+            r = r[r[col] == v]
+    if r.empty:
+        raise LifelogError(f"no classify result for model={model} layer={layer} classifier={classifier}")
+    b = best_row(r)
+    return Choice(b["model"], b["layer"], b["classifier"], json.loads(b["params"]))

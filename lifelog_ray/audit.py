@@ -17,9 +17,9 @@ from sklearn.decomposition import PCA
 from sklearn.model_selection import StratifiedKFold
 
 from . import storage
-from .classify.data import load_feature_set, parse_pca
+from .classify.data import load_feature_set
 from .classify.estimators import ClassifierSpec, load_search_space
-from .config import StudyConfig
+from .config import SPLIT_NAMES, StudyConfig
 from .errors import LifelogError
 from .metrics import TABLE_METRICS, scores
 from .results import Choice, best_approach1
@@ -45,8 +45,8 @@ def _fold(X, y, train_idx, test_idx, spec, params, seed, n_classes, pca):
 
 def _raw_features(study: Path, model: str, layer: str):
     fs = load_feature_set(study, model, layer, None)  # raw: PCA is refitted inside every fold
-    X = np.concatenate([fs.X[s] for s in ("train", "val", "test")])
-    ids = np.concatenate([fs.ids[s] for s in ("train", "val", "test")])
+    X = np.concatenate([fs.X[s] for s in SPLIT_NAMES])
+    ids = np.concatenate([fs.ids[s] for s in SPLIT_NAMES])
     return fs, X, ids
 
 
@@ -71,7 +71,7 @@ def rerun_without_suspects(cfg: StudyConfig, fs, ch: Choice, spec: ClassifierSpe
     y = np.concatenate([fs.y[s] for s in parts])
     ids = np.concatenate([fs.ids[s] for s in parts])
     drop = np.isin(ids, list(suspects))
-    pca = parse_pca(cfg.classify.pca)
+    pca = cfg.classify.pca
     remote = ray.remote(num_cpus=cfg.classify.cpus_per_trial)(_fit_and_score)
     variants = {"all training images": np.ones(len(y), dtype=bool), "flagged training images removed": ~drop}
     jobs = {name: remote.remote(X[keep], y[keep], fs.X["test"], fs.y["test"], spec, ch.params, cfg.classify.seed, pca)

@@ -74,25 +74,25 @@ def legacy_keras_module():
     return tf_keras
 
 
-def _app(keras, model: str):
-    return {"vgg19": keras.applications.VGG19, "vgg16": keras.applications.VGG16}[model]
+def application(keras, model: str):
+    """The one model map: a model name -> its keras.applications constructor (either Keras)."""
+    return getattr(keras.applications, model.upper())
 
 
 def preprocess(keras, model: str, x):
-    mod = {"vgg19": keras.applications.vgg19, "vgg16": keras.applications.vgg16}[model]
-    return mod.preprocess_input(x)
+    return getattr(keras.applications, model).preprocess_input(x)
 
 
 def keras_cache_dir() -> Path:
     return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
 
 
-def _build_base(keras, spec: BackboneSpec, weights: str | None = None):
+def build_base(keras, spec: BackboneSpec, weights: str | None = None):
     """The full backbone (with its classifier top) under the spec's precision policy."""
     prev = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(_POLICY[spec.precision])
     try:
-        return _app(keras, spec.model)(
+        return application(keras, spec.model)(
             include_top=True, weights=weights, input_shape=(spec.image_size, spec.image_size, 3)
         )
     finally:
@@ -105,11 +105,11 @@ def resolve_weights(spec: BackboneSpec) -> list[np.ndarray]:
     w = spec.weights
     if w.lower() == "none":
         keras.utils.set_random_seed(spec.seed)
-        return _build_base(keras, spec, None).get_weights()
+        return build_base(keras, spec, None).get_weights()
     if w.lower() == "imagenet":
         cached = keras_cache_dir() / IMAGENET_FILES[spec.model]
         try:
-            return _build_base(keras, spec, "imagenet").get_weights()
+            return build_base(keras, spec, "imagenet").get_weights()
         except Exception as e:  # noqa: BLE001 - download or cache problems all end the same way
             raise WeightsError(
                 f"cannot load ImageNet weights for {spec.model}: not cached at {cached} and the download "
@@ -122,7 +122,7 @@ def resolve_weights(spec: BackboneSpec) -> list[np.ndarray]:
         raise WeightsError(f"weights file not found: {path} (--weights imagenet|none|PATH)")
     if not (path.name.endswith(".h5") or path.name.endswith(".hdf5")):
         raise WeightsError(f"{path}: expected a Keras HDF5 weights file (.h5 or .weights.h5)")
-    model = _build_base(keras, spec, None)
+    model = build_base(keras, spec, None)
     try:
         model.load_weights(str(path))
     except Exception as e:  # noqa: BLE001
@@ -136,7 +136,7 @@ def resolve_weights(spec: BackboneSpec) -> list[np.ndarray]:
 def build_backbone(spec: BackboneSpec, weights: list[np.ndarray] | None) -> Backbone:
     """A model with one output per requested tap, so all taps come from one forward pass."""
     keras = keras_module()
-    base = _build_base(keras, spec, None)
+    base = build_base(keras, spec, None)
     if weights is not None:
         base.set_weights(weights)
     names = [layer.name for layer in base.layers]
@@ -188,19 +188,14 @@ class FeatureExtractor:
             return [tf.reshape(tf.cast(o, tf.float32), [tf.shape(o)[0], -1]) for o in outs]
 
         self._forward = forward
-        self.timing = {"build_s": time.perf_counter() - t0, "infer_s": 0.0, "images": 0}
-        log.info("built %s taps=%s in %.1fs", name, [t.layer for t in self.backbone.taps], self.timing["build_s"])
+        log.info("built %s taps=%s in %.1fs", name, [t.layer for t in self.backbone.taps], time.perf_counter() - t0)
 
     @property
     def taps(self) -> list[Tap]:
         return self.backbone.taps
 
     def features(self, images: np.ndarray) -> list[np.ndarray]:
-        t0 = time.perf_counter()
-        outs = [o.numpy() for o in self._forward(images)]
-        self.timing["infer_s"] += time.perf_counter() - t0
-        self.timing["images"] += len(images)
-        return outs
+        return [o.numpy() for o in self._forward(images)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image_id"])

@@ -102,16 +102,19 @@ class ClassifyConfig(_Section):
     @field_validator("pca", mode="before")
     @classmethod
     def _parse_pca(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            t = v.strip().lower()
-            if t in ("off", "none", "null", ""):
-                return None
-            try:
-                f = float(t)
-            except ValueError as e:
-                raise ValueError(f"pca must be a variance fraction (0.95), a component count, or 'off', got {v!r}") from e
-            return int(f) if f >= 1 and f == int(f) else f
-        return v
+        """The one place PCA values are read: 0.95 keeps 95 % of the variance, 128 keeps 128 components,
+        off/none skips PCA."""
+        if v is None or (isinstance(v, str) and v.strip().lower() in ("off", "none", "null", "")):
+            return None
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            f = float("nan")
+        if 0 < f < 1:
+            return f
+        if f >= 1 and f == int(f):
+            return int(f)
+        raise ValueError(f"pca must be a variance fraction in (0, 1), a component count, or 'off', got {v!r}")
 
     @field_validator("models", "layers", "classifiers", mode="before")
     @classmethod
@@ -169,6 +172,9 @@ class StorageConfig(_Section):
     # {"s3": {"endpoint_url": "http://minio:9000"}} or {"gs": {"project": "my-project"}}.
     # Credentials belong in the environment or the instance profile, not in a config file.
     options: dict[str, dict[str, Any]] = {}
+
+
+SPLIT_NAMES = ("train", "val", "test")  # the manifest's split values, in data.split's order
 
 
 class StudyConfig(_Section):

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from . import storage
 from .backbones import BackboneSpec, FeatureExtractor, resolve_weights, tap_widths
 from .config import StudyConfig, write_resolved
 from .errors import LifelogError
-from .images import decode_batch
+from .images import decoded_images
 from .rejects import normalize_rejects, read_rejects, replace_stage_rejects
 
 log = logging.getLogger(__name__)
@@ -34,18 +34,6 @@ log = logging.getLogger(__name__)
 
 def _hash(ids: list[str], n: int = 10) -> str:
     return hashlib.sha1("\n".join(ids).encode()).hexdigest()[:n]
-
-
-def feature_schema(width: int) -> pa.Schema:
-    return pa.schema(
-        [
-            ("image_id", pa.string()),
-            ("label", pa.string()),
-            ("split", pa.string()),
-            ("day", pa.string()),
-            ("features", pa.list_(pa.float32(), width)),
-        ]
-    )
 
 
 def month_of(day: str) -> str:
@@ -226,14 +214,7 @@ def extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | None
         n_actors = e.num_actors or (int(gpus) if use_gpu else max(1, int(cpus // 2)))
         weights_ref = ray.put(weights)
         rows = pending[["image_id", "path", "label", "split", "day", "unit"]].astype(str)
-        # Blocks of a few model batches: decode tasks stream ahead of the model stage without a big backlog.
-        step = 4 * e.batch_size
-        ds = ray.data.from_pandas([rows.iloc[i : i + step] for i in range(0, len(rows), step)])
-        ds = ds.map_batches(
-            decode_batch, fn_kwargs={"size": e.image_size, "max_pixels": e.max_image_pixels, "jpeg_draft": e.jpeg_draft,
-                                     "options": cfg.storage.options},
-            batch_size=e.batch_size, num_cpus=0.5, batch_format="numpy",
-        )
+        ds = decoded_images(rows, e.image_size, e.max_image_pixels, e.batch_size, e.jpeg_draft, cfg.storage.options)
         # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a dead actor is replaced
         # and its batch redone. The writer is idempotent (a part's name is the hash of its image ids).
         ds = ds.map_batches(
@@ -321,10 +302,4 @@ def accounting(study: str | os.PathLike, model: str, layers: list[str]) -> dict[
     return out
 
 
-def describe(summary: ExtractSummary) -> dict:
-    d = asdict(summary)
-    d["output"] = str(summary.output)
-    return d
-
-
-__all__ = ["run_extract", "extract_model", "read_features", "accounting", "tap_widths", "feature_schema"]
+__all__ = ["run_extract", "extract_model", "read_features", "accounting", "tap_widths"]

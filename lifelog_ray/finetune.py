@@ -24,10 +24,10 @@ import numpy as np
 import pandas as pd
 
 from . import checkpoints, storage
-from .backbones import BackboneSpec, _build_base, legacy_keras_module, preprocess, resolve_weights
-from .config import FinetuneConfig, StudyConfig, write_resolved
+from .backbones import BackboneSpec, application, build_base, legacy_keras_module, preprocess, resolve_weights
+from .config import SPLIT_NAMES, FinetuneConfig, StudyConfig, write_resolved
 from .errors import LifelogError
-from .images import decode_batch
+from .images import decoded_images
 from .metrics import full_report
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def build_method_model(keras, spec: BackboneSpec, method: str, n_classes: int, w
                        m2_trainable_layers: int = 8, m3_units: int = 1024):
     """The method's model with exactly the layers it trains left trainable."""
     if needs_full_input(method):
-        base = _build_base(keras, spec, None)
+        base = build_base(keras, spec, None)
         if weights is not None:
             base.set_weights(weights)
         x = base.get_layer("fc2").output
@@ -59,8 +59,7 @@ def build_method_model(keras, spec: BackboneSpec, method: str, n_classes: int, w
         return model
     if method != "m3":
         raise LifelogError(f"unknown fine-tuning method {method!r} (m1, m2, m3)")
-    app = {"vgg19": keras.applications.VGG19, "vgg16": keras.applications.VGG16}[spec.model]
-    conv = app(include_top=False, weights=None, input_shape=(spec.image_size, spec.image_size, 3))
+    conv = application(keras, spec.model)(include_top=False, weights=None, input_shape=(spec.image_size, spec.image_size, 3))
     if weights is not None:
         conv.set_weights(weights[: len(conv.get_weights())])  # the conv part leads the full weight list
     conv.trainable = False
@@ -87,19 +86,13 @@ def _keep_decoded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def image_dataset(rows: pd.DataFrame, classes: list[str], size: int, max_pixels: int, batch: int, seed: int,
-                  shuffle: bool, options: dict | None = None):
+                  shuffle: bool, jpeg_draft: bool = True, options: dict | None = None):
     """Manifest rows -> a streaming Ray Dataset of (image uint8, label int), decoded like extraction."""
-    import ray
-
     rows = rows[["image_id", "path", "label"]].astype(str).copy()
     rows["label_idx"] = rows["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)
     if shuffle:
         rows = rows.sample(frac=1.0, random_state=seed)
-    step = 4 * batch
-    ds = ray.data.from_pandas([rows.iloc[i: i + step] for i in range(0, len(rows), step)])
-    ds = ds.map_batches(decode_batch, fn_kwargs={"size": size, "max_pixels": max_pixels, "options": options},
-                        batch_size=batch,
-                        num_cpus=0.5, batch_format="numpy")
+    ds = decoded_images(rows, size, max_pixels, batch, jpeg_draft, options)
     ds = ds.map_batches(_keep_decoded, batch_format="numpy", batch_size=batch)
     ds.context.execution_options.preserve_order = True  # the same seed gives the same batches, resumed or not
     return ds
@@ -345,8 +338,8 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
     max_px, opts = cfg.extract.max_image_pixels, cfg.storage.options
     datasets = {
         s: image_dataset(manifest[manifest["split"] == s], classes, f.image_size, max_px, f.batch_size, f.seed,
-                         shuffle=(s == "train"), options=opts)
-        for s in ("train", "val", "test")
+                         shuffle=(s == "train"), jpeg_draft=cfg.extract.jpeg_draft, options=opts)
+        for s in SPLIT_NAMES
     }
     # Checkpoints live with the study: on a multi-node cluster that must be S3/GCS or a shared filesystem.
     name = f"{model}-{method}-{sig}"

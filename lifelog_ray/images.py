@@ -8,6 +8,7 @@ import time
 import warnings
 
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import storage
@@ -124,3 +125,20 @@ def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int, jpeg_
                  options: Options | None = None) -> dict:
     """Function form of the decode stage, so Ray Data runs it as plain (elastic) tasks."""
     return ImageDecoder(size, max_pixels, jpeg_draft, options)(batch)
+
+
+def decoded_images(rows: pd.DataFrame, size: int, max_pixels: int, batch_size: int, jpeg_draft: bool = True,
+                   options: Options | None = None):
+    """Manifest rows (with a `path` column) -> a streaming Ray Dataset of decoded images.
+
+    The one decode chain of extract, finetune and predict. Each row gains `image` (S, S, 3) uint8,
+    `error` and `error_detail` ("" when decoded). Blocks hold a few model batches, so the elastic CPU
+    decode tasks stream ahead of the model stage without a big backlog.
+    """
+    import ray
+
+    step = 4 * batch_size
+    ds = ray.data.from_pandas([rows.iloc[i: i + step] for i in range(0, len(rows), step)])
+    return ds.map_batches(decode_batch, fn_kwargs={"size": size, "max_pixels": max_pixels, "jpeg_draft": jpeg_draft,
+                                                   "options": options},
+                          batch_size=batch_size, num_cpus=0.5, batch_format="numpy")

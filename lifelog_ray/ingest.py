@@ -7,7 +7,7 @@ import os
 import posixpath
 import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from . import storage
-from .config import DataConfig, StudyConfig, write_resolved
+from .config import SPLIT_NAMES, DataConfig, StudyConfig, write_resolved
 from .errors import LifelogError
 from .rejects import normalize_rejects, replace_stage_rejects
 from .storage import Options, to_path
@@ -23,7 +23,6 @@ from .taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ["image_id", "path", "rel_path", "raw_label", "label", "split", "timestamp", "day"]
 _TIME_IN_NAME = re.compile(r"(?<!\d)(\d{8})_(\d{6})(?!\d)")
 _DAY_FOLDER = re.compile(r"^(\d{4})[-_](\d{2})[-_](\d{2})$")
@@ -42,7 +41,6 @@ class IngestResult:
     input_rows: int
     study: Path
     kept_splits: int = 0  # images whose split came from an earlier manifest
-    notes: list[str] = field(default_factory=list)
 
     def accounting(self) -> str:
         by_reason = self.rejects["reason"].value_counts().sort_index()
@@ -84,7 +82,7 @@ def _is_missing(v: object) -> bool:
     return v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip().lower() in _MISSING
 
 
-def _scan_images(root: Path, extensions: tuple[str, ...]) -> list[str]:
+def scan_images(root: Path, extensions: tuple[str, ...]) -> list[str]:
     """Image paths under root, relative to it (one recursive listing, also on S3/GCS)."""
     exts = tuple(e.lower() for e in extensions)
     return sorted(storage.relative(f, root) for f in storage.files(root, exts))
@@ -103,7 +101,7 @@ def read_candidates(data: DataConfig, options: Options | None = None) -> pd.Data
         return _read_csv_at(path, encoding, required, options)
 
     if data.layout == "folder":
-        rels = _scan_images(root, data.extensions)
+        rels = scan_images(root, data.extensions)
         rows = [(r, r.split("/")[0]) for r in rels if "/" in r]
         return pd.DataFrame(
             {"row": range(len(rows)), "rel_path": [r for r, _ in rows], "raw_label": [lab for _, lab in rows]}
@@ -123,7 +121,7 @@ def read_candidates(data: DataConfig, options: Options | None = None) -> pd.Data
         if data.layout == "lsc":
             # Images on disk that no CSV row names are unlabeled: report them rather than drop them silently.
             listed = {os.path.normpath(p) for p in out["rel_path"]}
-            extra = [r for r in _scan_images(root, data.extensions) if os.path.normpath(r) not in listed]
+            extra = [r for r in scan_images(root, data.extensions) if os.path.normpath(r) not in listed]
             if extra:
                 out = pd.concat(
                     [out, pd.DataFrame({"row": pd.NA, "rel_path": extra, "raw_label": None})], ignore_index=True
@@ -226,7 +224,7 @@ def assign_splits(
         kept = ids.map(existing)
         result.loc[kept.dropna().index] = kept.dropna()
         targets = largest_remainder(len(group), fractions)
-        have = [int((kept == s).sum()) for s in SPLITS]
+        have = [int((kept == s).sum()) for s in SPLIT_NAMES]
         new_idx = group.index[kept.isna().to_numpy()]
         if len(new_idx) == 0:
             continue
@@ -239,7 +237,7 @@ def assign_splits(
             extra = largest_remainder(len(new_idx) - sum(deficit), fractions)
             deficit = [d + e for d, e in zip(deficit, extra)]
         labels_for_new: list[str] = []
-        for s, d in zip(SPLITS, deficit):
+        for s, d in zip(SPLIT_NAMES, deficit):
             labels_for_new += [s] * d
         result.loc[new_idx] = labels_for_new[: len(new_idx)]
     return result
@@ -248,7 +246,7 @@ def assign_splits(
 # ---------------------------------------------------------------- the manifest
 
 
-def _derive_image_id(rel: str, layout: str) -> str:
+def derive_image_id(rel: str, layout: str) -> str:
     p = Path(rel)
     if layout == "lsc" and _TIME_IN_NAME.search(p.name):
         # LSC ids are the file stem; an NTCIR-13 user prefix (u1/...) is kept to stay unique across users.
@@ -327,7 +325,7 @@ def build_manifest(cfg: StudyConfig) -> IngestResult:
             reject(r, "unsupported_extension", f"{full.suffix!r} is not one of {sorted(exts)}")
             continue
         image_id = r.get("image_id") if "image_id" in r and not _is_missing(r.get("image_id")) else None
-        image_id = image_id or _derive_image_id(rel, data.layout)
+        image_id = image_id or derive_image_id(rel, data.layout)
         if _is_missing(r["raw_label"]):
             reject(r, "unlabeled", "no label for this image", image_id)
             continue
@@ -413,9 +411,9 @@ def build_manifest(cfg: StudyConfig) -> IngestResult:
 
 def category_table(manifest: pd.DataFrame) -> pd.DataFrame:
     """The paper's Table 2: images per category and split, largest first."""
-    t = pd.crosstab(manifest["label"], manifest["split"]).reindex(columns=list(SPLITS), fill_value=0)
+    t = pd.crosstab(manifest["label"], manifest["split"]).reindex(columns=list(SPLIT_NAMES), fill_value=0)
     t["total"] = t.sum(axis=1)
     t = t.sort_values(["total"], ascending=False, kind="stable").reset_index()
     t = t.rename(columns={"label": "category"})
     t.columns.name = None
-    return t[["category", "total", *SPLITS]]
+    return t[["category", "total", *SPLIT_NAMES]]

@@ -8,10 +8,40 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import StudyConfig, write_resolved
+from .errors import LifelogError
 
 log = logging.getLogger(__name__)
 
 STAGES = ("manifest", "extract", "classify", "finetune", "report")
+# What each stage reads, and the output that shows a stage has run: `run --stages` adds a needed stage
+# (before the stages that need it) only when that output is missing. Fine-tuning reads images, not features.
+NEEDS = {"manifest": (), "extract": ("manifest",), "classify": ("extract",), "finetune": ("manifest",),
+         "report": ("manifest",)}
+OUTPUT = {"manifest": "manifest.parquet", "extract": "features", "classify": "classify/results.parquet",
+          "finetune": "finetune/results.parquet", "report": "report/index.html"}
+
+
+def parse_stages(text: str | None) -> tuple[str, ...]:
+    """`a,b,...` (the --stages syntax of `run` and jobs/study.py) -> stage names; None or "" -> all."""
+    if not text:
+        return STAGES
+    stages = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise LifelogError(f"--stages: unknown stage(s) {unknown}; choose from {','.join(STAGES)}")
+    return stages
+
+
+def plan(study: Path, requested: tuple[str, ...]) -> tuple[str, ...]:
+    """The requested stages and, before them, every stage they need whose output is missing, in order."""
+    wanted = set(requested)
+    todo = list(requested)
+    while todo:
+        for need in NEEDS[todo.pop()]:
+            if need not in wanted and not (study / OUTPUT[need]).exists():
+                wanted.add(need)
+                todo.append(need)
+    return tuple(s for s in STAGES if s in wanted)
 
 
 @dataclass
@@ -23,10 +53,12 @@ class StageSummary:
 
 
 def run_study(cfg: StudyConfig, stages: tuple[str, ...] = STAGES) -> list[StageSummary]:
+    """Run ``stages`` (and the stages they need whose outputs are missing), each skipping what is done."""
     from .runtime import ensure_ray
 
     study = cfg.study_dir
     study.mkdir(parents=True, exist_ok=True)
+    stages = plan(study, stages)
     write_resolved(cfg, study)
     out: list[StageSummary] = []
 

@@ -19,8 +19,8 @@ from . import storage
 from .backbones import BackboneSpec, FeatureExtractor, resolve_weights
 from .config import StudyConfig
 from .errors import LifelogError
-from .images import decode_batch
-from .ingest import _derive_image_id, _scan_images, day_of, timestamp_from_exif, timestamp_from_name
+from .images import decoded_images
+from .ingest import day_of, derive_image_id, scan_images, timestamp_from_exif, timestamp_from_name
 from .results import best_row
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def list_images(source: str, extensions: tuple[str, ...], options: storage.Optio
         return str(base / x) if remote else str((base / x).resolve())
 
     if p.is_dir():
-        rels = _scan_images(p, extensions)
+        rels = scan_images(p, extensions)
         df = pd.DataFrame({"path": [absolute(p, r) for r in rels], "rel": rels})
     elif p.suffix == ".parquet":
         df = storage.read_parquet(p)
@@ -54,7 +54,7 @@ def list_images(source: str, extensions: tuple[str, ...], options: storage.Optio
     if df.empty:
         raise LifelogError(f"--images {source}: no images found")
     if "image_id" not in df:
-        df["image_id"] = [_derive_image_id(r, "lsc") for r in df["rel"]]
+        df["image_id"] = [derive_image_id(r, "lsc") for r in df["rel"]]
     if "timestamp" not in df:
         ts = [timestamp_from_name(r) or timestamp_from_exif(storage.to_path(x, options))
               for r, x in zip(df["rel"], df["path"])]
@@ -171,11 +171,7 @@ def run_predict(cfg: StudyConfig, images: str, which: str = "auto", name: str | 
     ensure_ray(cfg.ray)
     _, gpus = cluster_resources()
     t0 = time.perf_counter()
-    step = 4 * e.batch_size
-    ds = ray.data.from_pandas([rows.iloc[i: i + step] for i in range(0, len(rows), step)])
-    ds = ds.map_batches(decode_batch, fn_kwargs={"size": size, "max_pixels": e.max_image_pixels,
-                                                 "options": cfg.storage.options},
-                        batch_size=e.batch_size, num_cpus=0.5, batch_format="numpy")
+    ds = decoded_images(rows, size, e.max_image_pixels, e.batch_size, e.jpeg_draft, cfg.storage.options)
     n_actors = e.num_actors or max(1, int(gpus) or 1)
     if choice.approach == 1:
         ds = ds.map_batches(FeatureExtractor, fn_constructor_kwargs={"spec": spec, "weights": ray.put(weights)},

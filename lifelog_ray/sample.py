@@ -272,3 +272,26 @@ def write_sample(
         w.writerows(rows)
     log.info("sample lifelog written to %s: %s", out, stats)
     return stats
+
+
+# Settings that run every stage on a tiny generated lifelog in a minute or two on a laptop (--smoke-test).
+SMOKE = {
+    "extract.weights": "none", "extract.image_size": 32, "extract.batch_size": 8, "extract.layers": "fc2,predictions",
+    "classify.search_space": None, "classify.classifiers": "svm,naive_bayes", "finetune.weights": "none",
+    "finetune.image_size": 32, "finetune.epochs": 1, "finetune.methods": "m1", "finetune.batch_size": 16,
+    "finetune.cpus_per_worker": 0.5, "data.top_k": 4,
+}
+
+
+def smoke_config(workdir: Path):
+    """A tiny generated lifelog under ``workdir`` and the SMOKE settings, as a StudyConfig."""
+    from .config import load_config
+
+    root = workdir / "lifelog"
+    write_sample(root, seed=0, days=2, images_per_day=30, image_size=(96, 72))
+    cfg = load_config(None, {**SMOKE, "data.root": str(root), "data.labels": str(root / "labels.csv"),
+                             "output.study": str(workdir / "study")})
+    small = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "search_space_small.yaml"
+    if small.exists():
+        cfg.classify.search_space = str(small)
+    return cfg

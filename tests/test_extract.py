@@ -166,14 +166,14 @@ def test_weights_errors_are_immediate_and_helpful(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty_keras_home"))
     import lifelog_ray.backbones as bb
 
-    real = bb._build_base
+    real = bb.build_base
 
     def offline(keras, spec, weights=None):  # what Keras does without network: the download raises
         if weights == "imagenet":
             raise OSError("URL fetch failure: no network")
         return real(keras, spec, weights)
 
-    monkeypatch.setattr(bb, "_build_base", offline)
+    monkeypatch.setattr(bb, "build_base", offline)
     with pytest.raises(WeightsError, match=r"--weights PATH"):
         resolve_weights(BackboneSpec("vgg19", weights="imagenet", image_size=224))
     with pytest.raises(WeightsError, match="not found"):

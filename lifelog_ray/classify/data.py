@@ -13,11 +13,11 @@ import pyarrow.dataset as pads
 from sklearn.decomposition import PCA, IncrementalPCA
 
 from .. import storage
+from ..config import SPLIT_NAMES
 from ..errors import LifelogError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -112,9 +112,9 @@ def load_feature_set(
     fitted = None
     if pca is not None and solver == "incremental":
         fitted = fit_pca_streaming(ds, pca, batch_rows, min(max_components, width or max_components))
-    X: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-    y: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-    ids: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    X: dict[str, list[np.ndarray]] = {s: [] for s in SPLIT_NAMES}
+    y: dict[str, list[np.ndarray]] = {s: [] for s in SPLIT_NAMES}
+    ids: dict[str, list[np.ndarray]] = {s: [] for s in SPLIT_NAMES}
     index = {c: i for i, c in enumerate(classes)}
     if big:  # stream: only the reduced matrix is held in memory
         batches = ds.to_batches(columns=["image_id", "label", "split", "features"], batch_size=batch_rows)
@@ -127,7 +127,7 @@ def load_feature_set(
         split = np.asarray(b.column("split").to_pylist())
         labels = np.asarray([index[v] for v in b.column("label").to_pylist()])
         image_ids = np.asarray(b.column("image_id").to_pylist())
-        for s in SPLITS:
+        for s in SPLIT_NAMES:
             m = split == s
             X[s].append(feats[m])
             y[s].append(labels[m])
@@ -153,15 +153,3 @@ def load_feature_set(
         Xs = {s: fitted.transform(v).astype(np.float32) if len(v) else v for s, v in Xs.items()}
     log.info("%s/%s: %d rows, width %s -> %d components", model, layer, n, width or full_width, Xs["train"].shape[1])
     return FeatureSet(model, layer, classes, Xs, ys, idss, int(width or full_width), fitted)
-
-
-def parse_pca(value: str | float | int | None) -> float | int | None:
-    """0.95 -> keep 95 % variance; 128 -> 128 components; off/none -> no PCA."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("off", "none", "null", "")):
-        return None
-    v = float(value)
-    if 0 < v < 1:
-        return v
-    if v >= 1 and v == int(v):
-        return int(v)
-    raise LifelogError(f"classify.pca: {value!r} is neither a variance fraction in (0, 1), a count, nor 'off'")

@@ -19,7 +19,7 @@ from ..config import StudyConfig, write_resolved
 from ..errors import LifelogError
 from ..metrics import full_report
 from ..results import best_row
-from .data import FeatureSet, discover, load_feature_set, parse_pca
+from .data import FeatureSet, discover, load_feature_set
 from .estimators import ClassifierSpec, load_search_space, params_json
 from .search import evaluate_point, run_search
 
@@ -165,7 +165,7 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
         log.info("classify: results are current (signature %s), skipping", sig)
         return ClassifyResult(storage.read_parquet(out / "trials.parquet"), storage.read_parquet(out / "results.parquet"),
                               out, 0.0, skipped=True)
-    pca = parse_pca(c.pca)
+    pca = c.pca  # parsed and checked by the config
     sets = {f"{m}/{la}": load_feature_set(study, m, la, pca, c.pca_solver, c.seed) for m, la in pairs}
     n_jobs = max(1, int(c.cpus_per_trial))
     points, dist_points = [], []

@@ -99,7 +99,7 @@ class PipelineClassifier:
     """Approach 1 head: a saved PCA + classifier applied to one tap's features."""
 
     def __init__(self, study: Path, model: str, layer: str, classifier: str) -> None:
-        from .classify.study import load_pipeline
+        from .classify.persist import load_pipeline
 
         self.pipe = load_pipeline(study, model, layer, classifier)
         self.layer = layer

@@ -15,7 +15,8 @@ from sklearn.model_selection import GridSearchCV, PredefinedSplit, train_test_sp
 from lifelog_ray import storage
 from lifelog_ray.classify.data import load_feature_set
 from lifelog_ray.classify.estimators import load_search_space
-from lifelog_ray.classify.study import load_pipeline, run_classify
+from lifelog_ray.classify.persist import load_pipeline
+from lifelog_ray.classify.study import run_classify
 from lifelog_ray.config import load_config
 from lifelog_ray.errors import LifelogError
 from lifelog_ray.metrics import scores

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import time
@@ -21,15 +20,14 @@ from ..metrics import full_report
 from ..results import best_row
 from .data import FeatureSet, discover, load_feature_set
 from .estimators import ClassifierSpec, load_search_space, params_json
-from .search import evaluate_point, run_search
+from .persist import save_pipeline, serialize
+from .search import run_search
 
 log = logging.getLogger(__name__)
 
 PAPER_LAYER_ORDER = ["predictions", "fc2", "fc1", "flatten"]
 TABLE_BLOCKS = [("Accuracy", "accuracy"), ("Precision", "precision_macro"), ("Recall", "recall_macro"),
                 ("F1 Score", "f1_macro")]
-# Types a saved scikit-learn pipeline may contain beyond skops' defaults: our own estimators only.
-TRUSTED_TYPES = ["lifelog_ray.classify.estimators.BayesianRidgeClassifier"]
 
 
 @dataclass
@@ -80,34 +78,9 @@ def refit_and_test(fs: FeatureSet, spec: ClassifierSpec, params: dict, refit_on:
         est = spec.build(params, seed=seed, n_jobs=n_jobs)
         est.fit(X, y)
         pred = np.asarray(est.predict(fs.X["test"]))
-        if _is_xgboost(spec):
-            blob, fmt = bytes(est.get_booster().save_raw("ubj")), "xgboost-classifier-ubj"
-        else:
-            import skops.io as sio
-
-            blob, fmt = sio.dumps(est), "skops"
+        blob, fmt = serialize(est, _is_xgboost(spec))
     report = full_report(fs.y["test"], pred, fs.classes)
     return {"report": report, "pred": pred, "blob": blob, "format": fmt, "fit_s": time.perf_counter() - t0}
-
-
-def _save_pipeline(out: Path, fs: FeatureSet, spec: ClassifierSpec, params: dict, fitted: dict) -> Path:
-    d = out / "models" / fs.model / fs.layer / spec.name
-    files = {}
-    if fs.pca is not None:
-        buf = io.BytesIO()
-        np.savez(buf, components=fs.pca.components_, mean=fs.pca.mean_,
-                 explained_variance_ratio=fs.pca.explained_variance_ratio_)
-        storage.write_bytes_atomic(buf.getvalue(), d / "pca.npz")
-        files["pca.npz"] = hashlib.sha256(buf.getvalue()).hexdigest()
-    name = "model.ubj" if fitted["format"].startswith("xgboost") else "model.skops"
-    storage.write_bytes_atomic(fitted["blob"], d / name)
-    files[name] = hashlib.sha256(fitted["blob"]).hexdigest()
-    meta = {"model": fs.model, "layer": fs.layer, "classifier": spec.name, "estimator": spec.estimator,
-            "params": params, "fixed": spec.fixed, "classes": fs.classes, "feature_width": fs.width,
-            "pca_components": fs.n_components if fs.pca is not None else None, "format": fitted["format"],
-            "sha256": files}
-    storage.write_text_atomic(json.dumps(meta, indent=1, default=str), d / "pipeline.json")
-    return d
 
 
 def order_layers(layers: list[str]) -> list[str]:
@@ -229,7 +202,7 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
         fitted = job if isinstance(job, dict) else ray.get(job)
         fs = sets[f"{b['model']}/{b['layer']}"]
         rep = fitted["report"]
-        path = _save_pipeline(out, fs, spec, params, fitted)
+        path = save_pipeline(out, fs, spec, params, fitted)
         tag = f"{fs.model}__{fs.layer}__{spec.name}"
         storage.write_text_atomic(json.dumps(rep, indent=1), out / "reports" / f"{tag}.json")
         cm = pd.DataFrame(rep["confusion"], index=fs.classes, columns=fs.classes)
@@ -260,70 +233,3 @@ def _refit_remote(fs: FeatureSet, spec: ClassifierSpec, params: dict, refit_on: 
     return refit_and_test(fs, spec, params, refit_on, seed, n_jobs)
 
 
-def load_pipeline(study: str | Path, model: str, layer: str, classifier: str, extra_trusted: list[str] | None = None):
-    """Load a saved pipeline of the study the user named. Never unpickles: skops refuses unknown types,
-    XGBoost loads its own format; files must match the hashes recorded when they were written."""
-    d = storage.to_path(study) / "classify" / "models" / model / layer / classifier
-    meta_path = d / "pipeline.json"
-    if not meta_path.exists():
-        raise LifelogError(f"{d}: no saved pipeline (run `lifelog-ray classify` first)")
-    meta = json.loads(meta_path.read_text("utf-8"))
-    blobs = {name: (d / name).read_bytes() for name in meta["sha256"]}  # read once: what is checked is what is loaded
-    for name, digest in meta["sha256"].items():
-        if hashlib.sha256(blobs[name]).hexdigest() != digest:
-            raise LifelogError(f"{d / name}: content does not match the hash in pipeline.json; refusing to load")
-    pca = None
-    if "pca.npz" in blobs:
-        with np.load(io.BytesIO(blobs["pca.npz"]), allow_pickle=False) as z:
-            pca = {k: z[k] for k in z.files}
-    if meta["format"].startswith("xgboost"):
-        import xgboost
-
-        booster = xgboost.Booster()
-        booster.load_model(bytearray(blobs["model.ubj"]))
-        est = booster
-    else:
-        import skops.io as sio
-
-        untrusted = sio.get_untrusted_types(data=blobs["model.skops"])
-        allowed = set(TRUSTED_TYPES) | set(extra_trusted or [])
-        refused = [t for t in untrusted if t not in allowed]
-        if refused:
-            raise LifelogError(f"{d / 'model.skops'} holds types not trusted by default: {refused}; "
-                               f"pass them explicitly if you trust this file")
-        est = sio.loads(blobs["model.skops"], trusted=untrusted)
-    return SavedPipeline(meta, pca, est)
-
-
-@dataclass
-class SavedPipeline:
-    meta: dict
-    pca: dict | None
-    estimator: Any
-
-    def transform(self, X: np.ndarray) -> np.ndarray:
-        if self.pca is None:
-            return X.astype(np.float32)
-        return ((X - self.pca["mean"]) @ self.pca["components"].T).astype(np.float32)
-
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        Z = self.transform(X)
-        if self.meta["format"].startswith("xgboost"):
-            import xgboost
-
-            return self.estimator.predict(xgboost.DMatrix(Z))
-        est = self.estimator
-        if hasattr(est, "predict_proba") and getattr(est, "probability", True):
-            try:
-                return est.predict_proba(Z)
-            except AttributeError:
-                pass
-        onehot = np.zeros((len(Z), len(self.meta["classes"])), dtype=np.float32)
-        onehot[np.arange(len(Z)), np.asarray(est.predict(Z), dtype=int)] = 1.0
-        return onehot
-
-    def predict(self, X: np.ndarray) -> list[str]:
-        return [self.meta["classes"][i] for i in np.argmax(self.predict_proba(X), axis=1)]
-
-
-__all__ = ["run_classify", "load_pipeline", "table3", "evaluate_point"]

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.decomposition import PCA
 from sklearn.model_selection import StratifiedKFold
 
 from . import storage
 from .classify.data import load_feature_set
-from .classify.estimators import ClassifierSpec, load_search_space
+from .classify.estimators import ClassifierSpec, fit_pca_classifier, load_search_space
 from .config import SPLIT_NAMES, StudyConfig
 from .errors import LifelogError
 from .metrics import TABLE_METRICS, scores
@@ -27,19 +26,10 @@ from .results import Choice, best_approach1
 log = logging.getLogger(__name__)
 
 
-def _proba_estimator(spec: ClassifierSpec, params: dict, seed: int):
-    extra = {"probability": True} if spec.estimator == "sklearn.svm.SVC" else {}
-    return spec.build({**params, **extra}, seed=seed, n_jobs=1)
-
-
 def _fold(X, y, train_idx, test_idx, spec, params, seed, n_classes, pca):
-    Xtr, Xte = X[train_idx], X[test_idx]
-    if pca is not None:
-        p = PCA(n_components=pca, svd_solver="full", random_state=seed).fit(Xtr)
-        Xtr, Xte = p.transform(Xtr), p.transform(Xte)
-    est = _proba_estimator(spec, params, seed).fit(Xtr, y[train_idx])
+    project, est = fit_pca_classifier(X[train_idx], y[train_idx], spec, params, seed, pca, proba=True)
     proba = np.zeros((len(test_idx), n_classes))
-    proba[:, np.asarray(est.classes_, dtype=int)] = est.predict_proba(Xte)
+    proba[:, np.asarray(est.classes_, dtype=int)] = est.predict_proba(project(X[test_idx]))
     return test_idx, proba
 
 
@@ -51,11 +41,8 @@ def _raw_features(study: Path, model: str, layer: str):
 
 
 def _fit_and_score(Xtr, ytr, Xte, yte, spec, params, seed, pca) -> dict[str, float]:
-    if pca is not None:
-        p = PCA(n_components=pca, svd_solver="full", random_state=seed).fit(Xtr)
-        Xtr, Xte = p.transform(Xtr), p.transform(Xte)
-    est = spec.build(params, seed=seed, n_jobs=1).fit(Xtr, ytr)
-    return scores(yte, np.asarray(est.predict(Xte)))
+    project, est = fit_pca_classifier(Xtr, ytr, spec, params, seed, pca)
+    return scores(yte, np.asarray(est.predict(project(Xte))))
 
 
 def rerun_without_suspects(cfg: StudyConfig, fs, ch: Choice, spec: ClassifierSpec, suspects: set[str]) -> pd.DataFrame:

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.decomposition import PCA
 
 from . import storage
 from .classify.data import load_feature_set
-from .classify.estimators import load_search_space
+from .classify.estimators import fit_pca_classifier, load_search_space
 from .config import StudyConfig
 from .errors import LifelogError
 from .metrics import scores
@@ -36,12 +35,8 @@ def _curve_trial(config: dict, data: dict) -> None:
         k = max(1, int(round(t["fraction"] * len(members))))
         idx.extend(rng.choice(members, size=k, replace=False))
     idx = np.sort(np.asarray(idx))
-    Xs, Xt = X[idx], Xte
-    if data["pca"] is not None:
-        p = PCA(n_components=data["pca"], svd_solver="full", random_state=t["seed"]).fit(Xs)
-        Xs, Xt = p.transform(Xs), p.transform(Xt)
-    est = data["spec"].build(data["params"], seed=t["seed"], n_jobs=1).fit(Xs, y[idx])
-    s = scores(yte, est.predict(Xt))
+    project, est = fit_pca_classifier(X[idx], y[idx], data["spec"], data["params"], t["seed"], data["pca"])
+    s = scores(yte, est.predict(project(Xte)))
     tune.report({"n_train": len(idx), "accuracy": s["accuracy"], "f1_macro": s["f1_macro"]})
 
 

@@ -28,7 +28,7 @@ from .backbones import BackboneSpec, application, build_base, legacy_keras_modul
 from .config import SPLIT_NAMES, FinetuneConfig, StudyConfig, write_resolved
 from .errors import LifelogError
 from .images import decoded_images
-from .metrics import full_report
+from .metrics import METRIC_COLUMNS, TABLE_METRICS, full_report
 
 log = logging.getLogger(__name__)
 
@@ -383,9 +383,7 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
     storage.write_df_atomic(pd.DataFrame({"model": model, "method": method, "image_id": ids,
                                   "true": [classes[i] for i in y_true], "pred": [classes[i] for i in y_pred]}),
                     out / "predictions.parquet")
-    keys = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted", "recall_weighted",
-            "f1_weighted")
-    scores_ = {k: rep[k] for k in keys}
+    scores_ = {k: rep[k] for k in METRIC_COLUMNS}
     meta = {"signature": sig, "epochs": state["epoch"], "best_epoch": state["best_epoch"],
             "resumed_at": state["resumed_at"], "restores": state.get("restores", []), "scores": scores_, "report": rep, "classes": classes,
             "image_size": f.image_size, "preprocess": f"keras.applications.{model}.preprocess_input"}
@@ -396,7 +394,7 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
 
 def table4(runs: list[FinetuneRun]) -> tuple[str, pd.DataFrame]:
     rows = [{"model": r.model, "method": r.method.upper(),
-             **{k: round(100 * r.metrics[k], 2) for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro")}}
+             **{k: round(100 * r.metrics[k], 2) for k in TABLE_METRICS}}
             for r in runs]
     df = pd.DataFrame(rows)
     md = ["# Table 4: Approach 2 (fine-tuning), test split, percent (precision/recall/F1 macro)\n",

@@ -102,6 +102,22 @@ class ClassifierSpec:
         return est_cls(**kwargs)
 
 
+def fit_pca_classifier(X: np.ndarray, y: np.ndarray, spec: ClassifierSpec, params: dict[str, Any], seed: int,
+                       pca: float | int | None, proba: bool = False, n_jobs: int = 1) -> tuple[Any, Any]:
+    """PCA fitted on these training rows (when ``pca`` is set), then the classifier on the projection.
+
+    Returns ``(project, estimator)``: apply ``project`` to any other rows before the estimator. With
+    ``proba`` an SVC is built with probability estimates.
+    """
+    from sklearn.decomposition import PCA
+
+    p = PCA(n_components=pca, svd_solver="full", random_state=seed).fit(X) if pca is not None else None
+    project = p.transform if p is not None else (lambda Z: Z)
+    extra = {"probability": True} if proba and spec.estimator == "sklearn.svm.SVC" else {}
+    est = spec.build({**params, **extra}, seed=seed, n_jobs=n_jobs).fit(project(X), y)
+    return project, est
+
+
 def load_search_space(path: str | Path | None, names: list[str]) -> list[ClassifierSpec]:
     if path is None:
         text = resources.files("lifelog_ray.resources").joinpath("search_space.yaml").read_text("utf-8")

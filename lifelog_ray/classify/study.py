@@ -16,7 +16,7 @@ import pandas as pd
 from .. import storage
 from ..config import StudyConfig, write_resolved
 from ..errors import LifelogError
-from ..metrics import full_report
+from ..metrics import METRIC_COLUMNS, TABLE_METRICS, full_report
 from ..results import best_row
 from .data import FeatureSet, discover, load_feature_set
 from .estimators import ClassifierSpec, load_search_space, params_json
@@ -26,8 +26,7 @@ from .search import run_search
 log = logging.getLogger(__name__)
 
 PAPER_LAYER_ORDER = ["predictions", "fc2", "fc1", "flatten"]
-TABLE_BLOCKS = [("Accuracy", "accuracy"), ("Precision", "precision_macro"), ("Recall", "recall_macro"),
-                ("F1 Score", "f1_macro")]
+TABLE_BLOCKS = list(zip(("Accuracy", "Precision", "Recall", "F1 Score"), TABLE_METRICS))  # Table 3's blocks
 
 
 @dataclass
@@ -209,8 +208,7 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
         storage.write_text_atomic(cm.to_csv(index_label="true\\predicted"), out / "confusion" / f"{tag}.csv")
         result_rows.append({
             "model": fs.model, "layer": fs.layer, "classifier": spec.name, "params": params_json(params),
-            **{k: rep[k] for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro",
-                                   "precision_weighted", "recall_weighted", "f1_weighted")},
+            **{k: rep[k] for k in METRIC_COLUMNS},
             f"val_{c.select_metric}": float(b[metric]), "pca_components": fs.n_components if fs.pca is not None else None,
             "feature_width": fs.width, "n_train": len(fs.y["train"]), "n_test": len(fs.y["test"]),
             "refit_on": c.refit_on, "distributed": bool(b["distributed"]), "pipeline": str(path),

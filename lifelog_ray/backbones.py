@@ -105,11 +105,11 @@ def resolve_weights(spec: BackboneSpec) -> list[np.ndarray]:
     w = spec.weights
     if w.lower() == "none":
         keras.utils.set_random_seed(spec.seed)
-        return build_base(keras, spec, None).get_weights()
+        return _checked(build_base(keras, spec, None), spec).get_weights()
     if w.lower() == "imagenet":
         cached = keras_cache_dir() / IMAGENET_FILES[spec.model]
         try:
-            return build_base(keras, spec, "imagenet").get_weights()
+            model = build_base(keras, spec, "imagenet")
         except Exception as e:  # noqa: BLE001 - download or cache problems all end the same way
             raise WeightsError(
                 f"cannot load ImageNet weights for {spec.model}: not cached at {cached} and the download "
@@ -117,6 +117,7 @@ def resolve_weights(spec: BackboneSpec) -> list[np.ndarray]:
                 f"{IMAGENET_FILES[spec.model]} there, or pass it with --weights PATH "
                 f"(or --weights none for a seeded random init)"
             ) from None
+        return _checked(model, spec).get_weights()
     path = Path(w)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path} (--weights imagenet|none|PATH)")
@@ -130,7 +131,16 @@ def resolve_weights(spec: BackboneSpec) -> list[np.ndarray]:
             f"{path}: does not fit {spec.model} at input {spec.image_size}x{spec.image_size} "
             f"({type(e).__name__}: {e})"
         ) from None
-    return model.get_weights()
+    return _checked(model, spec).get_weights()
+
+
+def _checked(model, spec: BackboneSpec):
+    """The model, once every requested tap is one of its layers (checked on the driver, before Ray)."""
+    names = [layer.name for layer in model.layers]
+    unknown = [n for n in spec.layers if n not in names]
+    if unknown:
+        raise LifelogError(f"{spec.model} has no layer(s) {unknown}; its layers are: {', '.join(names)}")
+    return model
 
 
 def build_backbone(spec: BackboneSpec, weights: list[np.ndarray] | None) -> Backbone:
@@ -139,10 +149,7 @@ def build_backbone(spec: BackboneSpec, weights: list[np.ndarray] | None) -> Back
     base = build_base(keras, spec, None)
     if weights is not None:
         base.set_weights(weights)
-    names = [layer.name for layer in base.layers]
-    unknown = [n for n in spec.layers if n not in names]
-    if unknown:
-        raise LifelogError(f"{spec.model} has no layer(s) {unknown}; its layers are: {', '.join(names)}")
+    _checked(base, spec)
     outputs = [base.get_layer(n).output for n in spec.layers]
     taps = [Tap(n, int(np.prod(o.shape[1:]))) for n, o in zip(spec.layers, outputs)]
     return Backbone(spec, keras.Model(base.inputs, outputs), taps)

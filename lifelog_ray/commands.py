@@ -60,7 +60,10 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_sample(args: argparse.Namespace) -> int:
     from .sample import write_sample
 
-    w, h = (int(x) for x in args.image_size.lower().split("x"))
+    try:
+        w, h = (int(x) for x in args.image_size.lower().split("x"))
+    except ValueError:
+        raise LifelogError(f"--image-size {args.image_size!r}: expected WIDTHxHEIGHT, e.g. 320x240") from None
     stats = write_sample(args.dir, seed=args.seed, days=args.days, images_per_day=args.images_per_day, image_size=(w, h))
     print(f"sample lifelog written to {args.dir} (labels: {args.dir}/labels.csv): {stats}")
     return 0

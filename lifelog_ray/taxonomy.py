@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from .errors import LifelogError
+
 _WS = re.compile(r"\s+")
 
 
@@ -28,7 +30,7 @@ class Taxonomy:
                 key = normalize_label(raw)
                 prev = self._map.get(key)
                 if prev is not None and prev != cat:
-                    raise ValueError(f"taxonomy {source}: raw label {raw!r} maps to both {prev!r} and {cat!r}")
+                    raise LifelogError(f"taxonomy {source}: raw label {raw!r} maps to both {prev!r} and {cat!r}")
                 self._map[key] = cat
 
     @classmethod
@@ -42,13 +44,18 @@ class Taxonomy:
         else:
             try:
                 text = Path(spec).read_text(encoding="utf-8")
-            except FileNotFoundError as e:
-                raise ValueError(f"taxonomy file not found: {spec}") from e
+            except FileNotFoundError:
+                raise LifelogError(f"taxonomy file not found: {spec} (--taxonomy paper|none|PATH.yaml)") from None
+            except (OSError, UnicodeDecodeError) as e:
+                raise LifelogError(f"taxonomy {spec}: cannot be read as text ({type(e).__name__})") from None
             source = str(spec)
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise LifelogError(f"taxonomy {source}: not valid YAML ({str(e).splitlines()[0]})") from None
         cats = data.get("categories") if isinstance(data, dict) else None
         if not isinstance(cats, dict) or not cats:
-            raise ValueError(f"taxonomy {source}: expected a mapping 'categories: {{Category: [raw labels]}}'")
+            raise LifelogError(f"taxonomy {source}: expected a mapping 'categories: {{Category: [raw labels]}}'")
         return cls({str(k): [str(x) for x in (v or [])] for k, v in cats.items()}, source)
 
     def merge(self, raw: str) -> str | None:

@@ -184,3 +184,16 @@ def test_weights_errors_are_immediate_and_helpful(tmp_path, monkeypatch):
         resolve_weights(BackboneSpec("vgg19", weights=str(bad), image_size=SIZE))
     with pytest.raises(LifelogError, match="224"):
         BackboneSpec("vgg19", weights="imagenet", image_size=64)
+
+
+def test_unknown_layer_is_a_one_line_error_before_any_ray_work(tmp_path, capsys):
+    """`extract --layers fc9` used to fail inside the Ray actors after four tracebacks."""
+    from lifelog_ray.cli import main
+
+    root, _ = make_study(tmp_path, n_per_class=4)
+    build_manifest(extract_config(tmp_path, root))
+    rc = main(["extract", "--study", str(tmp_path / "study"), "--weights", "none", "--image-size", "32",
+               "--layers", "fc2,fc9"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no layer(s) ['fc9']" in err and "Traceback" not in err
+    assert not (tmp_path / "study" / "features").exists()  # refused before extraction began

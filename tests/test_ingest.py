@@ -258,3 +258,21 @@ def test_taxonomy_matching_and_conflicts(tmp_path):
     assert len(t.categories) == 25
     with pytest.raises(ValueError, match="maps to both"):
         Taxonomy({"A": ["x"], "B": ["X "]})
+
+
+def test_taxonomy_and_sample_mistakes_are_one_line_errors(tmp_path, capsys):
+    from lifelog_ray.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("categories: [a\n")
+    cases = [
+        (["manifest", "--root", str(tmp_path), "--labels", str(tmp_path / "l.csv"), "--study", str(tmp_path / "s"),
+          "--taxonomy", str(bad)], "not valid YAML"),
+        (["manifest", "--root", str(tmp_path), "--labels", str(tmp_path / "l.csv"), "--study", str(tmp_path / "s"),
+          "--taxonomy", str(tmp_path / "nope.yaml")], "taxonomy file not found"),
+        (["sample", str(tmp_path / "x"), "--image-size", "320"], "expected WIDTHxHEIGHT"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, err

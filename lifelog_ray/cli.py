@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .commands import COMMANDS, Flag
+from .doctor import version
 from .errors import USER_ERRORS
 from .storage import access_errors
 
@@ -34,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lifelog-ray",
         description="Transfer-learning study of daily activities in lifelog images, on Ray.",
     )
+    parser.add_argument("--version", action="version", version=f"lifelog-ray {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for c in COMMANDS:
         p = sub.add_parser(c.name, help=c.help)
@@ -48,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # as the workers (runtime.WORKER_ENV): no C++ INFO lines
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),

@@ -259,6 +259,18 @@ def cmd_curve(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- doctor -------------------------------------------------------------------------------------------
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import format_checks, run_doctor
+
+    checks, healthy = run_doctor(config_from_args(args, []).ray)
+    print(format_checks(checks))
+    print("doctor: everything the project needs works" if healthy else
+          "doctor: something the project needs is broken (FAIL above)")
+    return 0 if healthy else 1
+
+
 COMMANDS: list[Command] = [
     Command("sample", "write the bundled synthetic sample lifelog (LSC layout)", cmd_sample,
             arguments=_sample_arguments, study=False),
@@ -278,4 +290,5 @@ COMMANDS: list[Command] = [
             arguments=_audit_arguments),
     Command("curve", "test score against the amount of training data (a Ray Tune grid)", cmd_curve,
             arguments=_curve_arguments),
+    Command("doctor", "check this install: versions, devices, cached weights, the Ray cluster, extras", cmd_doctor),
 ]

@@ -203,12 +203,13 @@ class StudyConfig(_Section):
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
+    """One line (the CLI's contract for a user's mistake): every bad key with what is wrong."""
+    issues = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
+        issues.append(f"{key}: {msg}")
+    return f"invalid config ({source}): " + "; ".join(issues)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
@@ -227,7 +228,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         except FileNotFoundError as e:
             raise ConfigError(f"config file not found: {path}") from e
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+            raise ConfigError(f"config file {path} is not valid YAML ({' '.join(str(e).split())})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     items = [(k, v) for k, v in (overrides or {}).items() if v is not None] + list((explicit or {}).items())

@@ -33,3 +33,56 @@ def test_doctor_fails_on_an_unreachable_configured_cluster(capsys):
     assert main(["doctor", "--ray-address", f"127.0.0.1:{port}"]) == 1
     out = capsys.readouterr().out
     assert "FAIL cluster" in out and "NOT reachable" in out
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A manifest-only study (no features, no pipelines) and a few broken inputs beside it."""
+    from lifelog_ray.config import load_config
+    from lifelog_ray.ingest import build_manifest
+    from lifelog_ray.sample import write_sample
+
+    d = tmp_path_factory.mktemp("cli")
+    write_sample(d / "lif", seed=0, days=2, images_per_day=20, image_size=(96, 72))
+    build_manifest(load_config(None, {"data.root": str(d / "lif"), "data.labels": str(d / "lif" / "labels.csv"),
+                                      "output.study": str(d / "st")}))
+    (d / "bad.h5").write_text("not weights")
+    (d / "bad.yaml").write_text("data: [\n")
+    (d / "tax.yaml").write_text("categories: [a\n")
+    return d
+
+
+BAD = [  # (argv with {d} for the fixture's folder, what the one line must say)
+    ("manifest --config {d}/nope.yaml --study {d}/x", "config file not found"),
+    ("manifest --config {d}/bad.yaml --study {d}/x", "not valid YAML"),
+    ("manifest --root {d}/lif --labels {d}/lif/labels.csv --study {d}/x --top-k -3", "data.top_k"),
+    ("manifest --root {d}/lif --labels {d}/lif/labels.csv --study {d}/x --split 0.5,0.5", "data.split"),
+    ("manifest --root {d}/lif --labels {d}/lif/labels.csv --study {d}/x --taxonomy {d}/tax.yaml", "not valid YAML"),
+    ("manifest --root {d}/lif --labels {d}/lif/labels.csv --study {d}/x --taxonomy {d}/none.yaml", "not found"),
+    ("extract --study {d}/st --model vgg99", "extract.models"),
+    ("extract --study {d}/st --weights {d}/bad.h5", "does not fit vgg19"),
+    ("extract --study {d}/st --weights none --batch-size 0", "extract.batch_size"),
+    ("extract --study {d}/st --weights none --image-size 32 --layers fc9", "no layer(s) ['fc9']"),
+    ("classify --study {d}/st", "run `lifelog-ray extract` first"),
+    ("classify --study {d}/st --pca 1.5", "classify.pca"),
+    ("finetune --study {d}/nostudy", "no manifest.parquet"),
+    ("finetune --study {d}/st --methods m4", "finetune.methods"),
+    ("finetune --study {d}/st --epochs -1", "finetune.epochs"),
+    ("finetune --study {d}/st --workers 4 --batch-size 2", "global batch"),
+    ("report --study {d}/nostudy", "no manifest.parquet"),
+    ("predict --study {d}/st --images {d}/lif", "no trained pipeline"),
+    ("predict --study {d}/st --images {d}/lif --pipeline foo", "--pipeline 'foo'"),
+    ("audit --study {d}/st", "no classify results"),
+    ("curve --study {d}/st --fractions x", "comma list of numbers"),
+    ("run --study {d}/st --stages fit", "unknown stage(s) ['fit']"),
+    ("sample {d}/s2 --image-size 320", "WIDTHxHEIGHT"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[a.split(" --")[0] + ":" + m[:20] for a, m in BAD])
+def test_a_user_mistake_is_one_error_line_and_exit_2(small, capsys, argv, message):
+    rc = main(argv.format(d=small).split())
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert rc == 2 and "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err

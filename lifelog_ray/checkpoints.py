@@ -82,26 +82,34 @@ def load(path: Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def restore(arrays: dict[str, np.ndarray], model: Any, optimizer: Any = None) -> int:
-    """Assign ``arrays`` by name into the model's trainable weights (and the built optimizer's state).
-
-    Refuses, before assigning anything, when a key is missing or extra or a shape differs.
-    Returns the number of variables assigned.
-    """
-    targets = {f"model/{k}": v for k, v in model_variables(model, trainable=True).items()}
-    if optimizer is not None:
-        targets.update({f"optimizer/{k}": v for k, v in optimizer_variables(optimizer).items()})
+def assign(arrays: dict[str, np.ndarray], targets: dict[str, Any], what: str) -> int:
+    """Assign each array to the variable of the same name; refuse, before assigning anything, when a
+    key is missing or extra or a shape differs. Returns the number of variables assigned."""
     missing, extra = sorted(set(targets) - set(arrays)), sorted(set(arrays) - set(targets))
     if missing or extra:
-        raise CheckpointError(f"checkpoint does not match {model.name}: missing {missing[:5]}, "
+        raise CheckpointError(f"checkpoint does not match {what}: missing {missing[:5]}, "
                               f"unexpected {extra[:5]} ({len(missing)} missing, {len(extra)} unexpected)")
     wrong = [f"{k}: {tuple(arrays[k].shape)} vs {tuple(v.shape)}" for k, v in targets.items()
              if tuple(arrays[k].shape) != tuple(v.shape)]
     if wrong:
-        raise CheckpointError(f"checkpoint shapes do not match {model.name}: {wrong[:5]}")
+        raise CheckpointError(f"checkpoint shapes do not match {what}: {wrong[:5]}")
     for k, v in targets.items():
         v.assign(arrays[k])
     return len(targets)
+
+
+def restore(arrays: dict[str, np.ndarray], model: Any, optimizer: Any = None) -> int:
+    """Assign ``arrays`` by name into the model's trainable weights (and the built optimizer's state)."""
+    targets = {f"model/{k}": v for k, v in model_variables(model, trainable=True).items()}
+    if optimizer is not None:
+        targets.update({f"optimizer/{k}": v for k, v in optimizer_variables(optimizer).items()})
+    return assign(arrays, targets, model.name)
+
+
+def copy_weights(src: Any, dst: Any) -> int:
+    """Every weight of ``src`` into the same-named weight of ``dst`` (e.g. tf-keras -> Keras 3)."""
+    arrays = {k: np.asarray(v.numpy()) for k, v in model_variables(src).items()}
+    return assign(arrays, model_variables(dst), dst.name)
 
 
 def verify(model: Any, initial: dict[str, np.ndarray], restored: dict[str, np.ndarray]) -> dict[str, int]:

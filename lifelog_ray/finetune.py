@@ -309,6 +309,25 @@ def plot_history(history: pd.DataFrame, path: Path, title: str) -> None:
     storage.write_bytes_atomic(buf.getvalue(), path)
 
 
+KERAS3_FILE = "model_keras3.keras"  # the fine-tuned model for Keras 3 (`import keras`), beside tf-keras' model.keras
+
+
+def export_keras3(model: Any, spec: BackboneSpec, method: str, n_classes: int, f: FinetuneConfig, dest: Path) -> None:
+    """Rebuild a trained tf-keras method model in Keras 3 and copy its weights by layer and weight name.
+
+    Keras 3's `load_model` cannot open tf-keras' `.keras` file (`Could not locate class 'Functional'`);
+    this one it can. Inputs are preprocessed as for the tf-keras model
+    (`keras.applications.<model>.preprocess_input`).
+    """
+    import keras  # Keras 3 by name: in a Ray Train worker `tf.keras` is tf-keras
+
+    rebuilt = build_method_model(keras, spec, method, n_classes, None, f.m2_trainable_layers, f.m3_units)
+    checkpoints.copy_weights(model, rebuilt)
+    with tempfile.TemporaryDirectory() as d:
+        rebuilt.save(str(Path(d) / KERAS3_FILE))
+        storage.write_bytes_atomic((Path(d) / KERAS3_FILE).read_bytes(), dest)
+
+
 def refuse_old_checkpoints(run_dir: Path) -> None:
     """A run checkpointed before named checkpoints (format 1) is refused before it can resume by position."""
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
@@ -372,6 +391,9 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
         if not state.get("final"):
             raise LifelogError(f"fine-tuning {model}/{method} ended without its final checkpoint")
         storage.write_bytes_atomic((d / "model.keras").read_bytes(), out / "model.keras")
+        trained = legacy_keras_module().models.load_model(str(d / "model.keras"), compile=False)
+        export_keras3(trained, spec, method, len(classes), f, out / KERAS3_FILE)
+        del trained
         with np.load(d / "test.npz", allow_pickle=False) as z:
             y_true, y_pred, ids = z["y_true"], z["y_pred"], z["image_id"]
     history = pd.DataFrame(state["history"])

@@ -44,6 +44,25 @@ def test_each_method_trains_exactly_its_layers(method, trained):
             assert not changed, f"{method}: {w.name} should stay frozen"
 
 
+@pytest.mark.parametrize("method", ["m1", "m2", "m3"])
+def test_keras3_export_opens_in_keras3_and_predicts_the_same(method, tmp_path):
+    import keras
+
+    from lifelog_ray.backbones import legacy_keras_module
+    from lifelog_ray.config import FinetuneConfig
+    from lifelog_ray.finetune import export_keras3
+
+    tf_keras = legacy_keras_module()
+    tf_keras.utils.set_random_seed(1)
+    spec = BackboneSpec("vgg19", ("fc2",), "none", SIZE)
+    trained = build_method_model(tf_keras, spec, method, 4, None, m2_trainable_layers=8, m3_units=16)
+    export_keras3(trained, spec, method, 4, FinetuneConfig(m3_units=16, image_size=SIZE), tmp_path / "m.keras")
+    k3 = keras.saving.load_model(tmp_path / "m.keras")
+    assert type(k3).__module__.startswith("keras.src")  # Keras 3, not tf-keras
+    x = np.random.default_rng(0).normal(0, 50, (5, SIZE, SIZE, 3)).astype("float32")
+    np.testing.assert_allclose(k3.predict(x, verbose=0), trained.predict(x, verbose=0), atol=1e-6)
+
+
 @pytest.fixture()
 def small_study(tmp_path, sample_lifelog):
     return load_config(None, {
@@ -74,6 +93,15 @@ def test_interrupted_run_resumes_from_checkpoint(small_study, ray_local, monkeyp
     assert {"accuracy", "val_accuracy", "loss", "val_loss"} <= set(hist.columns)
     assert (out / "vgg19" / "m3" / "learning_curves.png").stat().st_size > 1000
     assert (out / "vgg19" / "m3" / "model.keras").exists()
+    # The Keras 3 export opens with today's `keras` and predicts what the tf-keras model predicts.
+    import keras
+    import tf_keras
+
+    k3 = keras.saving.load_model(out / "vgg19" / "m3" / "model_keras3.keras")
+    x = keras.applications.vgg19.preprocess_input(
+        np.random.default_rng(0).uniform(0, 255, (6, SIZE, SIZE, 3)).astype("float32"))
+    ref = tf_keras.models.load_model(out / "vgg19" / "m3" / "model.keras", compile=False).predict(x, verbose=0)
+    np.testing.assert_allclose(k3.predict(x, verbose=0), ref, atol=1e-6)
     t4 = pd.read_csv(out / "table4.csv")
     assert list(t4.columns) == ["model", "method", "accuracy", "precision_macro", "recall_macro", "f1_macro"]
     assert "| vgg19 | M3 |" in (out / "table4.md").read_text()

@@ -112,6 +112,7 @@ def test_interrupted_run_resumes_from_checkpoint(small_study, ray_local, monkeyp
     assert again.skipped
 
 
+@pytest.mark.slow  # fine-tuning restore guarantees (issue 11): three methods, or two runs
 def test_worker_failure_is_retried_within_the_run_and_two_workers(small_study, ray_local, monkeypatch):
     """Every method resumes in the run on two workers, each rank verifying its restore by name.
 
@@ -137,6 +138,7 @@ def test_worker_failure_is_retried_within_the_run_and_two_workers(small_study, r
         assert [(x["workers_verified"], x["frozen"]) for x in restores] == [(2, frozen[r.method])], r.method
 
 
+@pytest.mark.slow  # fine-tuning restore guarantees (issue 11): three methods, or two runs
 def test_resumed_m2_ends_where_an_uninterrupted_run_ends(small_study, ray_local, monkeypatch, tmp_path):
     """Same seed and data order: a run that crashed after epoch 1 and resumed ends with the same weights."""
     import tf_keras

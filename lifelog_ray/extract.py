@@ -179,79 +179,97 @@ def spec_for(cfg: StudyConfig, model: str) -> BackboneSpec:
     return BackboneSpec(model, tuple(e.layers), e.weights, e.image_size, e.seed, e.precision)
 
 
-def extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | None = None) -> ExtractSummary:
-    """Extract one backbone's taps for every manifest image not done yet."""
+def feature_dataset(cfg: StudyConfig, spec: BackboneSpec, rows: pd.DataFrame, model_dir: Path,
+                    weights: list[np.ndarray]):
+    """The Ray chain: decode tasks -> VGG actor pool -> shard writers; one output row per written part."""
     import ray
 
     from .runtime import cluster_resources, ensure_ray
 
     e = cfg.extract
-    study = cfg.study_dir
+    ensure_ray(cfg.ray)
+    cpus, gpus = cluster_resources()
+    use_gpu = gpus >= 1
+    n_actors = e.num_actors or (int(gpus) if use_gpu else max(1, int(cpus // 2)))
+    ds = decoded_images(rows, e.image_size, e.max_image_pixels, e.batch_size, e.jpeg_draft, cfg.storage.options)
+    # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a dead actor is replaced
+    # and its batch redone. The writer is idempotent (a part's name is the hash of its image ids).
+    ds = ds.map_batches(
+        FeatureExtractor, fn_constructor_kwargs={"spec": spec, "weights": ray.put(weights)},
+        batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(size=n_actors),
+        num_gpus=1 if use_gpu else 0, num_cpus=e.cpus_per_actor, batch_format="numpy",
+    )
+    return ds.map_batches(
+        ShardWriter, fn_constructor_kwargs={"model_dir": model_dir, "layers": list(spec.layers)},
+        batch_size=e.unit_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors), num_cpus=0.25,
+        batch_format="numpy",
+    )
+
+
+class UnitTracker:
+    """The ledger's side of a run: counts each unit's rows as its parts come back, and marks the unit
+    complete (marker written last) once every one of its images is in a part or a reject."""
+
+    def __init__(self, ledger: UnitLedger, pending: pd.DataFrame, model: str) -> None:
+        self.ledger, self.model = ledger, model
+        self.rows = {u: g for u, g in pending.groupby("unit")}
+        self.expected = {u: len(g) for u, g in self.rows.items()}
+        self.seen: dict[str, int] = {}
+        self.parts: dict[str, list[str]] = {}
+        self.rejects: dict[str, list[dict]] = {}
+        self.n_ok = self.n_bad = 0
+
+    def record(self, batch: pd.DataFrame) -> None:
+        for row in batch.itertuples(index=False):
+            rej = json.loads(row.rejects)
+            self.seen[row.unit] = self.seen.get(row.unit, 0) + int(row.n_ok) + len(rej)
+            self.parts.setdefault(row.unit, []).append(row.part)
+            self.rejects.setdefault(row.unit, []).extend(rej)
+            self.n_ok += int(row.n_ok)
+            self.n_bad += len(rej)
+            if self.seen[row.unit] == self.expected[row.unit]:
+                g = self.rows[row.unit]
+                self.ledger.complete(row.unit, str(g["day"].iloc[0]), g["image_id"].tolist(), self.parts[row.unit],
+                                     [{**r, "model": self.model} for r in self.rejects[row.unit]])
+
+    def incomplete(self) -> list[str]:
+        return [u for u, n in self.expected.items() if self.seen.get(u, 0) != n]
+
+
+def extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | None = None) -> ExtractSummary:
+    """Extract one backbone's taps for every manifest image not done yet: pending rows -> dataset -> ledger."""
+    e = cfg.extract
     spec = spec_for(cfg, model)
-    model_dir = study / "features" / model
+    model_dir = cfg.study_dir / "features" / model
     if e.overwrite:
         storage.rmtree(model_dir)
-    manifest = storage.read_parquet(study / "manifest.parquet", columns=["image_id", "path", "label", "split", "day"])
     _check_signature(model_dir, spec)
     ledger = UnitLedger(model_dir)
     removed = ledger.remove_orphans(list(spec.layers))
     if removed:
         log.info("removed %d part file(s) of interrupted units", removed)
-    done = ledger.done_ids()
-    pending = manifest[~manifest["image_id"].isin(done)]
-    skipped = len(manifest) - len(pending)
-    t0 = time.perf_counter()
-    n_ok = n_bad = 0
-    if len(pending):
-        if weights is None:
-            weights = resolve_weights(spec)  # before any Ray work: a missing weights file fails here
-        pending = plan_units(pending, e.unit_size)
-        expected = pending.groupby("unit").size().to_dict()
-        unit_rows = {u: g for u, g in pending.groupby("unit")}
-        ensure_ray(cfg.ray)
-        cpus, gpus = cluster_resources()
-        use_gpu = gpus >= 1
-        n_actors = e.num_actors or (int(gpus) if use_gpu else max(1, int(cpus // 2)))
-        weights_ref = ray.put(weights)
-        rows = pending[["image_id", "path", "label", "split", "day", "unit"]].astype(str)
-        ds = decoded_images(rows, e.image_size, e.max_image_pixels, e.batch_size, e.jpeg_draft, cfg.storage.options)
-        # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a dead actor is replaced
-        # and its batch redone. The writer is idempotent (a part's name is the hash of its image ids).
-        ds = ds.map_batches(
-            FeatureExtractor, fn_constructor_kwargs={"spec": spec, "weights": weights_ref},
-            batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(size=n_actors),
-            num_gpus=1 if use_gpu else 0, num_cpus=e.cpus_per_actor, batch_format="numpy",
-        )
-        ds = ds.map_batches(
-            ShardWriter, fn_constructor_kwargs={"model_dir": model_dir, "layers": list(spec.layers)},
-            batch_size=e.unit_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors), num_cpus=0.25,
-            batch_format="numpy",
-        )
-        seen: dict[str, int] = {}
-        parts: dict[str, list[str]] = {}
-        rejects: dict[str, list[dict]] = {}
-        first_s, first_rows = 0.0, 0
-        for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
-            if not first_s:
-                first_s = time.perf_counter() - t0
-                first_rows = int(batch["n_ok"].sum()) + sum(len(json.loads(r)) for r in batch["rejects"])
-            for row in batch.itertuples(index=False):
-                rej = json.loads(row.rejects)
-                seen[row.unit] = seen.get(row.unit, 0) + int(row.n_ok) + len(rej)
-                parts.setdefault(row.unit, []).append(row.part)
-                rejects.setdefault(row.unit, []).extend(rej)
-                n_ok += int(row.n_ok)
-                n_bad += len(rej)
-                if seen[row.unit] == expected[row.unit]:
-                    g = unit_rows[row.unit]
-                    ledger.complete(row.unit, str(g["day"].iloc[0]), g["image_id"].tolist(), parts[row.unit],
-                                    [{**r, "model": model} for r in rejects[row.unit]])
-        incomplete = [u for u, n in expected.items() if seen.get(u, 0) != n]
-        if incomplete:
-            raise LifelogError(f"extract {model}: {len(incomplete)} unit(s) incomplete; rerun the same command to resume")
-    summary = ExtractSummary(model, model_dir, n_ok, n_bad, skipped, time.perf_counter() - t0)
-    if len(pending):
-        summary.first_output_s, summary.first_output_rows = first_s, first_rows
+    manifest = storage.read_parquet(cfg.study_dir / "manifest.parquet",
+                                    columns=["image_id", "path", "label", "split", "day"])
+    pending = manifest[~manifest["image_id"].isin(ledger.done_ids())]
+    summary = ExtractSummary(model, model_dir, 0, 0, len(manifest) - len(pending), 0.0)
+    if pending.empty:
+        return summary
+    t0 = time.perf_counter()  # the run's time includes resolving weights and starting Ray, as it always has
+    if weights is None:
+        weights = resolve_weights(spec)  # before any Ray work: a missing weights file fails here
+    pending = plan_units(pending, e.unit_size)
+    tracker = UnitTracker(ledger, pending, model)
+    rows = pending[["image_id", "path", "label", "split", "day", "unit"]].astype(str)
+    for batch in feature_dataset(cfg, spec, rows, model_dir, weights).iter_batches(batch_size=None,
+                                                                                    batch_format="pandas"):
+        if not summary.first_output_s:
+            summary.first_output_s = time.perf_counter() - t0
+            summary.first_output_rows = int(batch["n_ok"].sum()) + sum(len(json.loads(r)) for r in batch["rejects"])
+        tracker.record(batch)
+    summary.processed, summary.rejected, summary.seconds = tracker.n_ok, tracker.n_bad, time.perf_counter() - t0
+    if tracker.incomplete():
+        raise LifelogError(f"extract {model}: {len(tracker.incomplete())} unit(s) incomplete; "
+                           f"rerun the same command to resume")
     return summary
 
 

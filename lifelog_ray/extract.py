@@ -293,7 +293,10 @@ def run_extract(cfg: StudyConfig) -> list[ExtractSummary]:
     # Resolve every model's weights first: a bad weights spec fails before any Ray work starts.
     weights = {m: resolve_weights(spec_for(cfg, m)) for m in cfg.extract.models}
     summaries = [extract_model(cfg, m, weights[m]) for m in cfg.extract.models]
-    consolidate_rejects(study, cfg.extract.models)
+    # Every model with a ledger, not only this run's: extracting vgg16 must not drop vgg19's rejects.
+    features = study / "features"
+    ledgers = sorted(p.name for p in features.iterdir() if (p / "_units").exists()) if features.exists() else []
+    consolidate_rejects(study, sorted(set(cfg.extract.models) | set(ledgers)))
     for m in cfg.extract.models:
         write_resolved(cfg, study / "features" / m)
     return summaries

@@ -43,3 +43,15 @@ def sample_lifelog(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sample") / "lifelog"
     write_sample(root, seed=1, days=2, images_per_day=45, image_size=(96, 72))
     return root
+
+
+@pytest.fixture(scope="session")
+def local_study(tmp_path_factory, sample_lifelog, ray_local):
+    """The whole study, run once on local disk for every test that reads a finished study
+    (test_study.py; the S3 backend has its own run in test_storage.py)."""
+    from helpers import study_config
+
+    from lifelog_ray.pipeline import run_study
+
+    cfg = study_config(sample_lifelog, tmp_path_factory.mktemp("study") / "s")
+    return cfg, run_study(cfg)

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import study_config
 
 from lifelog_ray.config import config_to_yaml
+from lifelog_ray.extract import accounting
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -27,7 +27,9 @@ def free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.cluster
-def test_submit_study_job_to_a_local_head(tmp_path, sample_lifelog):
+def test_submit_study_job_to_a_local_head(tmp_path, local_study):
+    """The job extracts a second backbone (vgg16) into the session's finished local study on the head's
+    workers: the whole study runs once per storage backend, and the head still does real Ray work."""
     gcs, dash = free_port(), free_port()
     # Ray 2.60 starts local clusters with token auth; clients send ~/.ray/auth_token only in token mode.
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"}
@@ -50,12 +52,15 @@ def test_submit_study_job_to_a_local_head(tmp_path, sample_lifelog):
                 break
             assert time.time() < deadline, "Ray head did not come up"
             time.sleep(3)
-        study = tmp_path / "study"
+        cfg = local_study[0].model_copy(deep=True)
+        cfg.extract.models = ["vgg16"]
+        study = cfg.study_dir
         cfg_file = tmp_path / "job.yaml"
-        cfg_file.write_text(config_to_yaml(study_config(sample_lifelog, study)))
+        cfg_file.write_text(config_to_yaml(cfg))
         ray_cmd = [str(BIN / "ray"), "job"]
         submit = ray_cmd + ["submit", "--address", address, "--submission-id", "lifelog-test", "--no-wait",
-                            "--working-dir", str(ROOT), "--", "python", "jobs/study.py", "--config", str(cfg_file)]
+                            "--working-dir", str(ROOT), "--", "python", "jobs/study.py", "--config", str(cfg_file),
+                            "--stages", "extract"]
         for _ in range(40):  # the job agent can come up a little after the dashboard answers
             sub = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
             if sub.returncode == 0 or "No available agent" not in sub.stdout + sub.stderr:
@@ -73,9 +78,12 @@ def test_submit_study_job_to_a_local_head(tmp_path, sample_lifelog):
         logs = subprocess.run(ray_cmd + ["logs", "--address", address, "lifelog-test"], env=env,
                               capture_output=True, text=True, timeout=120).stdout
         assert "succeeded" in status, status[-2000:] + logs[-4000:]
-        assert "study" in logs and "report" in logs
-        for f in ("manifest.parquet", "classify/results.parquet", "finetune/table4.md", "report/index.html"):
-            assert (study / f).exists(), f
+        assert "extract" in logs and "vgg16" in logs
+        assert sorted(p.name for p in (study / "features" / "vgg16").iterdir()
+                      if p.is_dir() and not p.name.startswith("_")) == ["fc2", "predictions"]
+        for model in ("vgg16", "vgg19"):  # every image once, in features or in rejects, for both backbones
+            for layer, a in accounting(study, model, ["fc2", "predictions"]).items():
+                assert a["manifest"] == a["features"] + a["rejects"] == a["unique"] + a["rejects"], (model, layer, a)
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` takes its cluster down with it
         try:

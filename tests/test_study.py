@@ -8,18 +8,14 @@ import subprocess
 
 import pandas as pd
 import pytest
-from helpers import study_config
 
 from lifelog_ray.pipeline import run_study
 from lifelog_ray.predict import run_predict
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory, sample_lifelog, ray_local):
-    study = tmp_path_factory.mktemp("study") / "s"
-    cfg = study_config(sample_lifelog, study)
-    rows = run_study(cfg)
-    return cfg, rows
+@pytest.fixture()
+def study(local_study):
+    return local_study  # the session's one local run of the whole study (conftest.py)
 
 
 def test_run_executes_every_stage_then_skips_them(study):

@@ -23,7 +23,7 @@ from .taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ["image_id", "path", "rel_path", "raw_label", "label", "split", "timestamp", "day"]
+MANIFEST_COLUMNS = ["image_id", "path", "rel_path", "raw_label", "label", "split", "split_day", "timestamp", "day"]
 _TIME_IN_NAME = re.compile(r"(?<!\d)(\d{8})_(\d{6})(?!\d)")
 _DAY_FOLDER = re.compile(r"^(\d{4})[-_](\d{2})[-_](\d{2})$")
 _MISSING = {"", "null", "none", "nan", "na", "n/a"}
@@ -243,6 +243,43 @@ def assign_splits(
     return result
 
 
+def assign_day_splits(df: pd.DataFrame, fractions: tuple[float, float, float], seed: int,
+                      existing: dict[str, str] | None = None) -> pd.Series:
+    """Every image of a day in one split, the days chosen so each category comes as close to the
+    fractions as whole days allow. Days in ``existing`` keep their split; images of an unknown day
+    keep their per-image split (``df["split"]``).
+
+    Greedy: the new days, largest first (ties in a seeded order), each go to the split that most
+    reduces the total distance of every category's counts from its targets.
+    """
+    existing = existing or {}
+    known = df[df["day"] != "unknown"]
+    result = df["split"].astype(object).copy()
+    if known.empty:
+        return result
+    per_day = pd.crosstab(known["day"], known["label"])  # days x categories
+    totals = per_day.sum(axis=0).to_numpy(dtype=float)
+    targets = np.outer(fractions, totals)  # splits x categories
+    counts = np.zeros_like(targets)
+    split_of: dict[str, str] = {}
+    for day, row in per_day.iterrows():
+        if day in existing:
+            split_of[day] = existing[day]
+            counts[SPLIT_NAMES.index(existing[day])] += row.to_numpy()
+    new = [d for d in per_day.index if d not in split_of]
+    rng = np.random.default_rng([seed, 0x5D4])
+    tiebreak = dict(zip(sorted(new), rng.permutation(len(new))))
+    for day in sorted(new, key=lambda d: (-int(per_day.loc[d].sum()), tiebreak[d])):
+        add = per_day.loc[day].to_numpy(dtype=float)
+        gain = [np.abs(counts[s] - targets[s]).sum() - np.abs(counts[s] + add - targets[s]).sum()
+                for s in range(len(SPLIT_NAMES))]
+        best = int(np.argmax(gain))  # the first split wins a tie: train, then val, then test
+        counts[best] += add
+        split_of[day] = SPLIT_NAMES[best]
+    result.loc[known.index] = known["day"].map(split_of)
+    return result
+
+
 # ---------------------------------------------------------------- the manifest
 
 
@@ -384,20 +421,33 @@ def build_manifest(cfg: StudyConfig) -> IngestResult:
     df["day"] = [day_of(t, p) for t, p in zip(ts, df["rel_path"])]
 
     # A grown lifelog keeps every earlier image in its split, so features, models and scores stay valid.
+    # So does every earlier day in its day split (split_day: all of a day's images in one split).
     existing: dict[str, str] = {}
+    existing_days: dict[str, str] = {}
     old = study / "manifest.parquet"
     if old.exists():
-        prev = storage.read_parquet(old, columns=["image_id", "split"])
+        prev = storage.read_parquet(old)
         existing = dict(zip(prev["image_id"], prev["split"]))
+        if "split_day" in prev:
+            known = prev[prev["day"] != "unknown"]
+            existing_days = dict(zip(known["day"], known["split_day"]))
     df["split"] = assign_splits(df, data.split, data.seed, existing)
+    df["split_day"] = assign_day_splits(df, data.split, data.seed, existing_days)
     kept_splits = int(df["image_id"].isin(existing.keys()).sum())
 
     df = df.sort_values(["day", "image_id"]).reset_index(drop=True)
     manifest = df[MANIFEST_COLUMNS].copy()
-    for c in ("image_id", "path", "rel_path", "raw_label", "label", "split", "day"):
+    for c in ("image_id", "path", "rel_path", "raw_label", "label", "split", "split_day", "day"):
         manifest[c] = manifest[c].astype("string")
 
     categories = category_table(manifest)
+    short = categories[(categories[[f"{s}_day" for s in SPLIT_NAMES if data.split[SPLIT_NAMES.index(s)] > 0]]
+                        == 0).any(axis=1)]
+    for _, r in short.iterrows():
+        days = manifest.loc[manifest["label"] == r["category"], "day"].nunique()
+        log.warning("category %r cannot reach all three splits under split_day: its images lie on %d day(s) "
+                    "(train/val/test images: %d/%d/%d); the day protocol will score it on fewer splits",
+                    r["category"], days, r["train_day"], r["val_day"], r["test_day"])
     study.mkdir(parents=True, exist_ok=True)
     storage.write_df_atomic(manifest, study / "manifest.parquet")
     replace_stage_rejects(study, "ingest", rej)
@@ -410,10 +460,14 @@ def build_manifest(cfg: StudyConfig) -> IngestResult:
 
 
 def category_table(manifest: pd.DataFrame) -> pd.DataFrame:
-    """The paper's Table 2: images per category and split, largest first."""
+    """The paper's Table 2: images per category and split, largest first; then the same counts under the
+    day-grouped split (`train_day`, `val_day`, `test_day`)."""
     t = pd.crosstab(manifest["label"], manifest["split"]).reindex(columns=list(SPLIT_NAMES), fill_value=0)
     t["total"] = t.sum(axis=1)
+    day_split = manifest["split_day"] if "split_day" in manifest else manifest["split"]
+    d = pd.crosstab(manifest["label"], day_split).reindex(columns=list(SPLIT_NAMES), fill_value=0)
+    t = t.join(d.add_suffix("_day"))
     t = t.sort_values(["total"], ascending=False, kind="stable").reset_index()
     t = t.rename(columns={"label": "category"})
     t.columns.name = None
-    return t[["category", "total", *SPLIT_NAMES]]
+    return t[["category", "total", *SPLIT_NAMES, *(f"{s}_day" for s in SPLIT_NAMES)]]

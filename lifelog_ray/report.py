@@ -92,7 +92,14 @@ def build_report(study: str | Path, gallery_size: int = 24, options: storage.Opt
     # Dataset: Table 2 and the accounting.
     parts.append("<h2 id='dataset'>Dataset (Table 2)</h2>")
     if (study / "categories.csv").exists():
-        parts.append(table(storage.read_csv(study / "categories.csv")))
+        cats = storage.read_csv(study / "categories.csv")
+        parts.append("<p class='note'>train/val/test: the paper's per-image split; *_day: every image of a day "
+                     "in one split (images of the same minute never straddle train and test).</p>" + table(cats))
+        day_cols = [c for c in ("train_day", "val_day", "test_day") if c in cats]
+        short = cats[(cats[day_cols] == 0).any(axis=1)] if day_cols else cats.iloc[0:0]
+        if len(short):
+            parts.append("<p class='warn'>Under the day split, " + ", ".join(escape(c) for c in short["category"])
+                         + " cannot reach all three splits: their images lie on too few days.</p>")
     rej = read_rejects(study)
     if len(rej):
         counts = rej.groupby(["stage", "reason"]).size().reset_index(name="images")

@@ -56,7 +56,7 @@ def test_lsc_layout_taxonomy_merge_and_outputs(tmp_path):
     assert (m["day"] == "2016-08-15").all()
     assert m["timestamp"].notna().all()
     cats = pd.read_csv(tmp_path / "study" / "categories.csv")
-    assert list(cats.columns) == ["category", "total", "train", "val", "test"]
+    assert list(cats.columns) == ["category", "total", "train", "val", "test", "train_day", "val_day", "test_day"]
     assert cats["total"].sum() == 20
     assert (tmp_path / "study" / "config.yaml").exists()
 
@@ -276,3 +276,60 @@ def test_taxonomy_and_sample_mistakes_are_one_line_errors(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+
+
+def _sample_study(tmp_path, days: int):
+    from lifelog_ray.sample import write_sample
+
+    root = tmp_path / "lifelog"
+    write_sample(root, seed=2, days=days, images_per_day=24, image_size=(48, 36))
+    return cfg_for(tmp_path / "study", root=str(root), labels=str(root / "labels.csv"))
+
+
+def test_day_split_keeps_each_day_whole_and_near_the_fractions(tmp_path):
+    res = build_manifest(_sample_study(tmp_path, days=10))
+    man = res.manifest
+    assert (man.groupby("day")["split_day"].nunique() == 1).all()  # no day in two splits
+    assert set(man["split_day"]) == {"train", "val", "test"}
+    assert man["split"].tolist() != man["split_day"].tolist()  # the paper's per-image split is unchanged beside it
+    largest_day = man.groupby("day").size().max()
+    for _, r in res.categories.iterrows():  # as close as whole days allow: within one day's images
+        for s, frac in zip(("train", "val", "test"), (0.6, 0.2, 0.2)):
+            assert abs(r[f"{s}_day"] - frac * r["total"]) <= largest_day, r
+    cats = pd.read_csv(tmp_path / "study" / "categories.csv")
+    assert (cats[["train_day", "val_day", "test_day"]].sum(axis=1) == cats["total"]).all()
+
+
+def test_a_grown_lifelog_keeps_its_days_splits_and_unknown_days_keep_the_image_split(tmp_path):
+    from lifelog_ray.ingest import assign_day_splits
+
+    cfg = _sample_study(tmp_path, days=6)
+    first = build_manifest(cfg).manifest
+    from lifelog_ray.sample import write_sample
+
+    write_sample(tmp_path / "more", seed=5, days=9, images_per_day=24, image_size=(48, 36))  # 3 more days
+    labels = pd.read_csv(tmp_path / "lifelog" / "labels.csv")
+    extra = pd.read_csv(tmp_path / "more" / "labels.csv")
+    new_days = sorted(set(extra["image_path"].str.split("/").str[0]) - set(labels["image_path"].str.split("/").str[0]))
+    import shutil
+
+    for d in new_days:
+        shutil.copytree(tmp_path / "more" / d, tmp_path / "lifelog" / d)
+    pd.concat([labels, extra[extra["image_path"].str.split("/").str[0].isin(new_days)]]).to_csv(
+        tmp_path / "lifelog" / "labels.csv", index=False)
+    second = build_manifest(cfg).manifest
+    before = first.groupby("day")["split_day"].first()
+    after = second.groupby("day")["split_day"].first()
+    assert (after.loc[before.index] == before).all() and len(after) == len(before) + len(new_days)
+    unknown = pd.DataFrame({"image_id": ["a", "b"], "label": ["x", "x"], "split": ["val", "test"],
+                            "day": ["unknown", "unknown"]})
+    assert assign_day_splits(unknown, (0.6, 0.2, 0.2), 0).tolist() == ["val", "test"]
+
+
+def test_a_category_on_too_few_days_is_a_warning_not_a_drop(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="lifelog_ray.ingest"):
+        res = build_manifest(_sample_study(tmp_path, days=2))
+    assert "cannot reach all three splits under split_day" in caplog.text
+    assert res.categories["total"].sum() == len(res.manifest)  # nothing dropped

@@ -137,5 +137,7 @@ def check_format(state: dict, where: str) -> None:
             f"safely. Delete {where} to start this run over")
 
 
-def read_state(d: Path) -> dict:
-    return json.loads((Path(d) / STATE).read_text())
+def read_state(d: str | Path) -> dict:
+    """``d``: a local folder, or a storage path (a UPath for s3:// and gs://, kept as it is)."""
+    folder = Path(d) if isinstance(d, str) else d  # a UPath is not a pathlib.Path: keep it
+    return json.loads((folder / STATE).read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import re
 from pathlib import Path
@@ -151,3 +152,17 @@ def test_cli_reads_a_lifelog_on_s3_with_storage_options_from_set(s3, sample_life
     assert fs.exists("lifelog/cli/study/manifest.parquet")
     assert main([*argv, "--set", "storage.options.s3.endpoint_url=http://127.0.0.1:9"]) == 2  # nothing listens
     assert "error: cannot use the storage location" in capsys.readouterr().err
+
+
+def test_a_checkpoint_from_before_named_weights_is_refused_in_a_bucket(s3):
+    from lifelog_ray import storage as st
+    from lifelog_ray.errors import LifelogError
+    from lifelog_ray.finetune import refuse_old_checkpoints
+
+    fs, options = s3
+    run = "lifelog/old-run/study/finetune/_ray/vgg19-m1-abc"
+    fs.pipe(f"{run}/checkpoint_1/state.json", json.dumps({"epoch": 1}).encode())  # no checkpoint_format
+    fs.pipe(f"{run}/checkpoint_manager_snapshot.json",
+            json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_1"}}).encode())
+    with pytest.raises(LifelogError, match="older lifelog-ray"):
+        refuse_old_checkpoints(st.to_path(f"s3://{run}", options))

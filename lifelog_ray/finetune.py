@@ -117,17 +117,21 @@ def replica_batches(strategy, shard, keras, model_name: str, batch: int, shuffle
     with ``equal=True``, so with no rebatching every worker runs the same steps and no batch is empty.
     ``batch`` is the global batch; each replica takes its share.
     """
-    per_replica = max(1, batch // strategy.num_replicas_in_sync)
+    per_replica = per_replica_batch(batch, strategy.num_replicas_in_sync)
     return strategy.distribute_datasets_from_function(
         lambda _ctx: _to_tf(shard, keras, model_name, per_replica, shuffle_seed))
+
+
+def per_replica_batch(batch: int, workers: int) -> int:
+    """Each replica's share of the global batch (one replica per worker)."""
+    return max(1, batch // workers)
 
 
 def replica_steps(n_rows: int, workers: int, batch: int) -> int:
     """Keras needs a step count for a distributed dataset: an upper bound from the manifest's rows (each
     worker holds at most ceil(n / workers) of them). Rows that fail to decode end the epoch early,
     on every worker at the same step, since the shards are equal."""
-    per_replica = max(1, batch // workers)
-    return max(1, math.ceil(math.ceil(n_rows / workers) / per_replica))
+    return max(1, math.ceil(math.ceil(n_rows / workers) / per_replica_batch(batch, workers)))
 
 
 def _sum_over_workers(strategy, values: list[int]) -> list[int]:
@@ -201,7 +205,7 @@ def train_loop_per_worker(config: dict) -> None:
             checked = checkpoints.verify(model, initial, arrays)
             del initial, arrays
             state = saved
-            if (Path(d) / checkpoints.BEST).exists():
+            if rank == 0 and (Path(d) / checkpoints.BEST).exists():
                 shutil.copy(Path(d) / checkpoints.BEST, best_file)
         state["resumed_at"].append(state["epoch"])
         # Every rank restored and verified its own copy; the sum says how many did, and how many weights each.
@@ -231,7 +235,8 @@ def train_loop_per_worker(config: dict) -> None:
                                           (value < state["best"] if lower_is_better else value > state["best"]))
         if improved:
             state.update(best=value, best_epoch=epoch + 1, wait=0)
-            checkpoints.save(best_file, model)
+            if rank == 0:  # only rank 0 checkpoints and tests the best epoch
+                checkpoints.save(best_file, model)
         else:
             state["wait"] += 1
             state["stopped"] = state["wait"] >= f.patience  # a good fit: stop, keep the best epoch

@@ -441,9 +441,7 @@ def build_manifest(cfg: StudyConfig) -> IngestResult:
         manifest[c] = manifest[c].astype("string")
 
     categories = category_table(manifest)
-    short = categories[(categories[[f"{s}_day" for s in SPLIT_NAMES if data.split[SPLIT_NAMES.index(s)] > 0]]
-                        == 0).any(axis=1)]
-    for _, r in short.iterrows():
+    for _, r in short_of_day_splits(categories, data.split).iterrows():
         days = manifest.loc[manifest["label"] == r["category"], "day"].nunique()
         log.warning("category %r cannot reach all three splits under split_day: its images lie on %d day(s) "
                     "(train/val/test images: %d/%d/%d); the day protocol will score it on fewer splits",
@@ -457,6 +455,13 @@ def build_manifest(cfg: StudyConfig) -> IngestResult:
     assert len(manifest) + len(rej) == len(cands), "ingest accounting broken"
     log.info(result.accounting())
     return result
+
+
+def short_of_day_splits(categories: pd.DataFrame, fractions: tuple[float, ...] = (1, 1, 1)) -> pd.DataFrame:
+    """The rows of a category table (categories.csv) with no image in a day split they should reach
+    (one whose fraction is above zero): their images lie on too few days."""
+    cols = [f"{s}_day" for s, f in zip(SPLIT_NAMES, fractions) if f > 0 and f"{s}_day" in categories]
+    return categories[(categories[cols] == 0).any(axis=1)] if cols else categories.iloc[0:0]
 
 
 def category_table(manifest: pd.DataFrame) -> pd.DataFrame:

@@ -74,25 +74,26 @@ class Choice:
 def choose_pipeline(study: Path, which: str) -> Choice:
     """`auto`: the best pipeline over both approaches (`results.ranked`); `approach1` / `approach2`; or
     `model/layer/clf`."""
-    cands: list[tuple[Choice, float]] = []  # approach 1 rows first: a full tie goes to approach 1
-    if (study / "classify" / "results.parquet").exists():
-        r = storage.read_parquet(study / "classify" / "results.parquet")
-        cands += [(Choice(1, x.model, f"{x.layer}/{x.classifier}", x.accuracy), x.f1_macro) for x in r.itertuples()]
-    if (study / "finetune" / "results.parquet").exists():
-        r = storage.read_parquet(study / "finetune" / "results.parquet")
-        cands += [(Choice(2, x.model, x.method, x.accuracy), x.f1_macro) for x in r.itertuples()]
     if which.count("/") == 2:
         m, la, c = which.split("/")
         return Choice(1, m, f"{la}/{c}", float("nan"))
-    if which in ("approach1", "approach2"):
-        cands = [(c, f1) for c, f1 in cands if c.approach == int(which[-1])]
-    elif which != "auto":
+    if which not in ("auto", "approach1", "approach2"):
         raise LifelogError(f"--pipeline {which!r}: use auto, approach1, approach2 or MODEL/LAYER/CLASSIFIER")
-    if not cands:
+    frames = []  # approach 1 rows first: a full tie goes to approach 1
+    if (study / "classify" / "results.parquet").exists():
+        r = storage.read_parquet(study / "classify" / "results.parquet")
+        frames.append(r.assign(approach=1, variant=r["layer"] + "/" + r["classifier"]))
+    if (study / "finetune" / "results.parquet").exists():
+        r = storage.read_parquet(study / "finetune" / "results.parquet")
+        frames.append(r.assign(approach=2, variant=r["method"]))
+    cands = pd.concat([f[["approach", "model", "variant", "accuracy", "f1_macro"]] for f in frames],
+                      ignore_index=True) if frames else pd.DataFrame()
+    if which != "auto" and len(cands):
+        cands = cands[cands["approach"] == int(which[-1])]
+    if cands.empty:
         raise LifelogError(f"{study}: no trained pipeline for --pipeline {which} (run classify / finetune first)")
-    table = pd.DataFrame({"i": range(len(cands)), "accuracy": [c.accuracy for c, _ in cands],
-                          "f1_macro": [f1 for _, f1 in cands]})
-    return cands[int(best_row(table)["i"])][0]
+    b = best_row(cands)
+    return Choice(int(b["approach"]), b["model"], b["variant"], float(b["accuracy"]))
 
 
 class PipelineClassifier:

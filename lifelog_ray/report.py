@@ -95,8 +95,9 @@ def build_report(study: str | Path, gallery_size: int = 24, options: storage.Opt
         cats = storage.read_csv(study / "categories.csv")
         parts.append("<p class='note'>train/val/test: the paper's per-image split; *_day: every image of a day "
                      "in one split (images of the same minute never straddle train and test).</p>" + table(cats))
-        day_cols = [c for c in ("train_day", "val_day", "test_day") if c in cats]
-        short = cats[(cats[day_cols] == 0).any(axis=1)] if day_cols else cats.iloc[0:0]
+        from .ingest import short_of_day_splits
+
+        short = short_of_day_splits(cats)
         if len(short):
             parts.append("<p class='warn'>Under the day split, " + ", ".join(escape(c) for c in short["category"])
                          + " cannot reach all three splits: their images lie on too few days.</p>")

@@ -104,8 +104,7 @@ def resolve_weights(spec: BackboneSpec) -> list[np.ndarray]:
     keras = keras_module()
     w = spec.weights
     if w.lower() == "none":
-        keras.utils.set_random_seed(spec.seed)
-        return _checked(build_base(keras, spec, None), spec).get_weights()
+        return random_weights(_checked(build_base(keras, spec, None), spec).get_weights(), spec.seed)
     if w.lower() == "imagenet":
         cached = keras_cache_dir() / IMAGENET_FILES[spec.model]
         try:
@@ -132,6 +131,30 @@ def resolve_weights(spec: BackboneSpec) -> list[np.ndarray]:
             f"({type(e).__name__}: {e})"
         ) from None
     return _checked(model, spec).get_weights()
+
+
+# Caffe-style preprocessing (BGR, ImageNet mean subtracted) leaves pixels spread about +-128, std ~64.
+INPUT_SPREAD = 64.0
+
+
+def random_weights(like: list[np.ndarray], seed: int) -> list[np.ndarray]:
+    """A seeded random init that keeps activations of order 1 through all 19 layers (`--weights none`).
+
+    Keras' default (Glorot-uniform kernels) halves the variance at every ReLU layer, so a random VGG19's
+    block5 activations are ~200x smaller than its input and fc2's ~1,000x: a new softmax on top then
+    barely moves in a few epochs, and every fine-tuning method predicts the majority class. He-normal
+    kernels (std sqrt(2 / fan_in)) preserve the variance through ReLUs; the first kernel is divided by
+    the input's spread so the scale is ~1 from the first layer on. Biases start at zero, as in Keras.
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, w in enumerate(like):
+        if w.ndim == 1:
+            out.append(np.zeros_like(w))
+            continue
+        std = np.sqrt(2.0 / np.prod(w.shape[:-1])) / (INPUT_SPREAD if i == 0 else 1.0)
+        out.append((rng.standard_normal(w.shape, dtype=np.float32) * std).astype(w.dtype))
+    return out
 
 
 def _checked(model, spec: BackboneSpec):

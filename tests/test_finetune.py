@@ -173,3 +173,23 @@ def test_resumed_m2_ends_where_an_uninterrupted_run_ends(small_study, ray_local,
     for k in w_a:  # float reductions may differ in the last bits between processes, never by 1e-5
         np.testing.assert_allclose(w_b[k], w_a[k], rtol=0, atol=1e-5, err_msg=k)
     np.testing.assert_allclose(h_b, h_a, rtol=1e-4)
+
+
+@pytest.mark.slow  # three Ray Train runs of 12 epochs (~2.5 min on 2 cores)
+def test_each_method_can_overfit_a_small_training_set(tmp_path, ray_local):
+    """The standard guard against silent training bugs (labels out of step with images, a frozen head, a
+    learning rate never applied): through our real Ray Train loop, each method memorises a small
+    training set, from the random backbone `--weights none` gives (its activations keep their scale)."""
+    from tests.helpers import make_study
+
+    root, _ = make_study(tmp_path, n_per_class=8)
+    cfg = load_config(None, {
+        "data.root": str(root), "data.labels": str(tmp_path / "labels.csv"), "output.study": str(tmp_path / "study"),
+        "finetune.weights": "none", "finetune.image_size": SIZE, "finetune.batch_size": 4, "finetune.epochs": 12,
+        "finetune.patience": 12, "finetune.optimizer": "adam", "finetune.learning_rate": 3e-3,
+        "finetune.m3_units": 32, "finetune.methods": "m1,m2,m3", "ray.progress_bars": False,
+    })
+    build_manifest(cfg)
+    for run in run_finetune(cfg):
+        history = pd.read_csv(run.output / "history.csv")
+        assert history["accuracy"].max() >= 0.9, f"{run.method}: train accuracy {history['accuracy'].round(2).tolist()}"

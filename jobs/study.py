@@ -1,7 +1,10 @@
 """Ray job: the study, or the stages you name (manifest -> extract -> classify -> finetune -> report).
 
-Submit to a running cluster (local `ray start --head`, or the cloud cluster of cluster.yaml):
-    ray job submit --working-dir . -- python jobs/study.py --config jobs/configs/sample.yaml
+Submit to a local head (`ray start --head`; the job runs in an uploaded copy of the code, so name the venv's
+interpreter and the folder the config's relative paths start from):
+    ray job submit --working-dir . -- "$PWD/.venv/bin/python" jobs/study.py --config jobs/configs/sample.yaml \
+        --base-dir "$PWD"
+To the cloud cluster of cluster.yaml (the package installed on every node, data and study on S3/GCS):
     ray job submit --working-dir . -- python jobs/study.py --config ... --stages extract,classify
 Run locally on a tiny generated lifelog:
     python jobs/study.py --smoke-test [--stages finetune]
@@ -10,15 +13,15 @@ when that output is missing; completed stages skip.
 """
 
 import argparse
-import logging
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir ray job submit uploads
 
-from lifelog_ray.config import load_config  # noqa: E402
-from lifelog_ray.errors import USER_ERRORS  # noqa: E402
+from lifelog_ray.config import load_config, rebase_paths  # noqa: E402
+from lifelog_ray.console import QUIET_RAY, Console  # noqa: E402
+from lifelog_ray.errors import USER_ERRORS, LifelogError  # noqa: E402
 from lifelog_ray.pipeline import format_summary, parse_stages, run_study  # noqa: E402
 from lifelog_ray.sample import smoke_config  # noqa: E402
 
@@ -28,22 +31,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="study config YAML (jobs/configs/*.yaml)")
     p.add_argument("--study", help="override output.study")
     p.add_argument("--stages", help="comma list, as `lifelog-ray run --stages` (default: all)")
+    p.add_argument("--base-dir", help="the folder relative paths in the config start from (default: the working "
+                                      "directory); a local `ray job submit --working-dir .` passes \"$PWD\"")
     p.add_argument("--smoke-test", action="store_true", help="run on a tiny generated lifelog")
+    p.add_argument("-v", "--verbose", action="store_true", help="the full log on the console (as `lifelog-ray -v`)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.smoke_test and not args.config:
         p.error("--config is required (or --smoke-test)")
-    try:
-        stages = parse_stages(args.stages)
-        if args.smoke_test:
-            cfg = smoke_config(Path(tempfile.mkdtemp(prefix="lifelog-smoke-")))
-        else:
-            cfg = load_config(args.config, {"output.study": args.study})
-        rows = run_study(cfg, stages)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(rows, cfg.study_dir))
+    # The job log (`ray job logs`, the dashboard) reads like the CLI: stage lines, progress, summaries.
+    with Console(verbose=args.verbose) as console:
+        quiet = {} if args.verbose else QUIET_RAY
+        try:
+            stages = parse_stages(args.stages)
+            if args.smoke_test:
+                cfg = smoke_config(Path(tempfile.mkdtemp(prefix="lifelog-smoke-")), quiet)
+            else:
+                cfg = load_config(args.config, {"output.study": args.study, **quiet})
+                if args.base_dir:
+                    if not Path(args.base_dir).is_dir():
+                        raise LifelogError(f"--base-dir {args.base_dir}: not a directory")
+                    cfg = rebase_paths(cfg, args.base_dir)
+            rows = run_study(cfg, stages, console=console)
+        except USER_ERRORS as e:
+            console.say(f"error: {e}", err=True)
+            return 2
+        console.say(format_summary(rows, cfg.study_dir))
     return 0
 
 

@@ -7,6 +7,7 @@ resulting typed config into a call of the stage function and prints that stage's
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ import yaml
 
 from . import storage
 from .config import ConfigError, StudyConfig, load_config
+from .console import QUIET_RAY, Console
 from .errors import LifelogError
 
 Flag = tuple[str, str, dict[str, Any]]  # (flag, dotted config key, argparse kwargs)
@@ -30,9 +32,21 @@ class Command:
     study: bool = True  # takes --config, --study, --set, ... (every command but `sample`)
 
 
+def console_of(args: argparse.Namespace) -> Console:
+    """The console main() installed; a handler called on its own gets a plain one (no redirection)."""
+    c = getattr(args, "console", None)
+    return c if c is not None else Console(verbose=True, out=sys.stdout, err=sys.stderr)
+
+
+def say(args: argparse.Namespace, text: str) -> None:
+    console_of(args).say(text)
+
+
 def config_from_args(args: argparse.Namespace, flags: list[Flag]) -> StudyConfig:
     """The typed config: the --config file, then the command's flags, then each --set KEY=VALUE."""
     overrides = {key: getattr(args, key) for _, key, _ in flags}
+    if not getattr(args, "verbose", True):
+        overrides.update(QUIET_RAY)  # workers' output and Ray Data's bars stay in the stage log
     overrides["output.study"] = getattr(args, "study", None)
     overrides["ray.address"] = getattr(args, "ray_address", None)
     explicit = {}
@@ -65,7 +79,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     except ValueError:
         raise LifelogError(f"--image-size {args.image_size!r}: expected WIDTHxHEIGHT, e.g. 320x240") from None
     stats = write_sample(args.dir, seed=args.seed, days=args.days, images_per_day=args.images_per_day, image_size=(w, h))
-    print(f"sample lifelog written to {args.dir} (labels: {args.dir}/labels.csv): {stats}")
+    say(args, f"sample lifelog written to {args.dir} (labels: {args.dir}/labels.csv): {stats}")
     return 0
 
 
@@ -89,10 +103,12 @@ MANIFEST_FLAGS: list[Flag] = [
 def cmd_manifest(args: argparse.Namespace) -> int:
     from .ingest import build_manifest
 
-    res = build_manifest(config_from_args(args, MANIFEST_FLAGS))
-    print(res.accounting())
-    print(res.categories.to_string(index=False))
-    print(f"manifest: {res.study / 'manifest.parquet'}  rejects: {res.study / 'rejects.parquet'}")
+    cfg = config_from_args(args, MANIFEST_FLAGS)
+    with console_of(args).stage("manifest", cfg.study_dir):
+        res = build_manifest(cfg)
+    say(args, res.accounting())
+    say(args, res.categories.to_string(index=False))
+    say(args, f"manifest: {res.study / 'manifest.parquet'}  rejects: {res.study / 'rejects.parquet'}")
     return 0
 
 
@@ -113,8 +129,11 @@ EXTRACT_FLAGS: list[Flag] = [
 def cmd_extract(args: argparse.Namespace) -> int:
     from .extract import run_extract
 
-    for s in run_extract(config_from_args(args, EXTRACT_FLAGS)):
-        print(s.line())
+    cfg = config_from_args(args, EXTRACT_FLAGS)
+    with console_of(args).stage("extract", cfg.study_dir, f"{','.join(cfg.extract.models)}: {','.join(cfg.extract.layers)}"):
+        sums = run_extract(cfg)
+    for s in sums:
+        say(args, s.line())
     return 0
 
 
@@ -135,9 +154,11 @@ CLASSIFY_FLAGS: list[Flag] = [
 def cmd_classify(args: argparse.Namespace) -> int:
     from .classify.study import run_classify
 
-    res = run_classify(config_from_args(args, CLASSIFY_FLAGS))
-    print((res.output / "table3.md").read_text("utf-8"))
-    print(res.line())
+    cfg = config_from_args(args, CLASSIFY_FLAGS)
+    with console_of(args).stage("classify", cfg.study_dir):
+        res = run_classify(cfg)
+    say(args, (res.output / "table3.md").read_text("utf-8"))
+    say(args, res.line())
     return 0
 
 
@@ -159,11 +180,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .finetune import run_finetune
 
     cfg = config_from_args(args, FINETUNE_FLAGS)
-    runs = run_finetune(cfg)
-    print((cfg.study_dir / "finetune" / "table4.md").read_text("utf-8"))
+    with console_of(args).stage("finetune", cfg.study_dir, f"{','.join(cfg.finetune.methods)} on "
+                                                              f"{','.join(cfg.finetune.models)}"):
+        runs = run_finetune(cfg)
+    say(args, (cfg.study_dir / "finetune" / "table4.md").read_text("utf-8"))
     for r in runs:
         state = "already done" if r.skipped else f"{r.epochs} epochs (best {r.best_epoch})"
-        print(f"finetune {r.model}/{r.method}: {state}, test accuracy {100 * r.metrics['accuracy']:.2f}% -> {r.output}")
+        say(args, f"finetune {r.model}/{r.method}: {state}, test accuracy {100 * r.metrics['accuracy']:.2f}% -> {r.output}")
     return 0
 
 
@@ -173,7 +196,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import build_report
 
     cfg = config_from_args(args, [])
-    print(f"report: {build_report(cfg.study_dir, options=cfg.storage.options or None)}")
+    with console_of(args).stage("report", cfg.study_dir):
+        path = build_report(cfg.study_dir, options=cfg.storage.options or None)
+    say(args, f"report: {path}")
     return 0
 
 
@@ -193,8 +218,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import format_summary, parse_stages, run_study
 
     cfg = config_from_args(args, RUN_FLAGS)
-    rows = run_study(cfg, parse_stages(args.stages))
-    print(format_summary(rows, cfg.study_dir))
+    rows = run_study(cfg, parse_stages(args.stages), console=console_of(args))
+    say(args, format_summary(rows, cfg.study_dir))
     return 0
 
 
@@ -209,8 +234,10 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import run_predict
 
-    out, n, secs = run_predict(config_from_args(args, []), args.images, args.pipeline, args.name)
-    print(f"predict: {n} images labelled in {secs}s -> {out} (partitioned by day)")
+    cfg = config_from_args(args, [])
+    with console_of(args).stage("predict", cfg.study_dir, args.images):
+        out, n, secs = run_predict(cfg, args.images, args.pipeline, args.name)
+    say(args, f"predict: {n} images labelled in {secs}s -> {out} (partitioned by day)")
     return 0
 
 
@@ -230,12 +257,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from .audit import run_audit
 
     cfg = config_from_args(args, [])
-    out = run_audit(cfg, args.folds, args.model, args.layer, args.classifier, rerun=args.rerun_without_suspects)
-    print(out.head(args.top)[["rank", "image_id", "given_label", "suggested_label", "score"]].to_string(index=False))
-    print(f"audit: {int(out['is_issue'].sum())} of {len(out)} labels flagged -> {cfg.study_dir / 'audit'}")
+    with console_of(args).stage("audit", cfg.study_dir):
+        out = run_audit(cfg, args.folds, args.model, args.layer, args.classifier, rerun=args.rerun_without_suspects)
+    say(args, out.head(args.top)[["rank", "image_id", "given_label", "suggested_label", "score"]].to_string(index=False))
+    say(args, f"audit: {int(out['is_issue'].sum())} of {len(out)} labels flagged -> {cfg.study_dir / 'audit'}")
     if args.rerun_without_suspects:
-        print("before / after removing flagged training images (test split and labels unchanged):")
-        print(storage.read_csv(cfg.study_dir / "audit" / "rerun.csv").to_string(index=False))
+        say(args, "before / after removing flagged training images (test split and labels unchanged):")
+        say(args, storage.read_csv(cfg.study_dir / "audit" / "rerun.csv").to_string(index=False))
     return 0
 
 
@@ -254,8 +282,10 @@ def cmd_curve(args: argparse.Namespace) -> int:
         fractions = [float(x) for x in args.fractions.split(",")]
     except ValueError:
         raise LifelogError(f"--fractions {args.fractions!r}: expected a comma list of numbers, e.g. 0.1,0.5,1.0") from None
-    print(run_curve(cfg, fractions, args.seeds).to_string(index=False))
-    print(f"curve -> {cfg.study_dir / 'curve'}")
+    with console_of(args).stage("curve", cfg.study_dir):
+        table = run_curve(cfg, fractions, args.seeds)
+    say(args, table.to_string(index=False))
+    say(args, f"curve -> {cfg.study_dir / 'curve'}")
     return 0
 
 
@@ -265,9 +295,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import format_checks, run_doctor
 
     checks, healthy = run_doctor(config_from_args(args, []).ray)
-    print(format_checks(checks))
-    print("doctor: everything the project needs works" if healthy else
-          "doctor: something the project needs is broken (FAIL above)")
+    say(args, format_checks(checks))
+    say(args, "doctor: everything the project needs works" if healthy else
+        "doctor: something the project needs is broken (FAIL above)")
     return 0 if healthy else 1
 
 

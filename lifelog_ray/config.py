@@ -257,3 +257,26 @@ def write_resolved(cfg: StudyConfig, directory: str | os.PathLike, name: str = "
     from .storage import to_path, write_bytes_atomic
 
     return write_bytes_atomic(config_to_yaml(cfg).encode("utf-8"), to_path(directory) / name)
+
+
+# Config keys that hold a local path (or a URI, or a keyword such as `imagenet`, `paper`, `none`).
+PATH_KEYS = ("data.root", "data.labels", "data.images_csv", "data.taxonomy", "output.study", "classify.search_space",
+             "extract.weights", "finetune.weights")
+_KEYWORDS = {"imagenet", "none", "paper"}
+
+
+def rebase_paths(cfg: StudyConfig, base: str | os.PathLike) -> StudyConfig:
+    """A copy of ``cfg`` whose relative local paths are taken from ``base`` instead of the working directory.
+
+    A Ray job runs in a copy of the code (`ray job submit --working-dir .`), so `demo/lifelog` in a config
+    would name a folder of that copy, which holds no data; `jobs/study.py --base-dir "$PWD"` names the
+    folder the paths were written for.
+    """
+    out = cfg.model_copy(deep=True)
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(out, section), name)
+        if not value or value.lower() in _KEYWORDS or "://" in value or os.path.isabs(value):
+            continue
+        setattr(getattr(out, section), name, os.path.join(os.fspath(base), value))
+    return out

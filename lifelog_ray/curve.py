@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import storage
+from . import progress, storage
 from .classify.data import load_feature_set
 from .classify.estimators import fit_pca_classifier, load_search_space
 from .config import StudyConfig
@@ -63,7 +63,8 @@ def run_curve(cfg: StudyConfig, fractions: list[float], seeds: int = 3) -> pd.Da
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(_curve_trial, data=data), {"cpu": cfg.classify.cpus_per_trial}),
             param_space={"trial": tune.grid_search(points)}, tune_config=tune.TuneConfig(reuse_actors=True),
-            run_config=tune.RunConfig(name="curve", storage_path=str(tune_dir), verbose=0))
+            run_config=tune.RunConfig(name="curve", storage_path=str(tune_dir), verbose=0,
+                                      callbacks=[progress.tune_callback("curve", len(points))]))
         for r in tuner.fit():
             if r.error is None:
                 rows.append({**r.config["trial"], **{k: r.metrics[k] for k in ("n_train", "accuracy", "f1_macro")}})

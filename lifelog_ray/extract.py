@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from . import storage
+from . import progress, storage
 from .backbones import BackboneSpec, FeatureExtractor, resolve_weights, tap_widths
 from .config import StudyConfig, write_resolved
 from .errors import LifelogError
@@ -266,6 +266,7 @@ def extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | None
             summary.first_output_s = time.perf_counter() - t0
             summary.first_output_rows = int(batch["n_ok"].sum()) + sum(len(json.loads(r)) for r in batch["rejects"])
         tracker.record(batch)
+        progress.report(f"extract {model}", tracker.n_ok + tracker.n_bad, len(pending), "images")
     summary.processed, summary.rejected, summary.seconds = tracker.n_ok, tracker.n_bad, time.perf_counter() - t0
     if tracker.incomplete():
         raise LifelogError(f"extract {model}: {len(tracker.incomplete())} unit(s) incomplete; "

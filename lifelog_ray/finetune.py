@@ -7,6 +7,7 @@ replaced by Dense(ReLU) + softmax on the frozen convolutional base, only the new
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -15,7 +16,9 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import checkpoints, storage
+from . import checkpoints, progress, storage
 from .backbones import BackboneSpec, application, build_base, legacy_keras_module, preprocess, resolve_weights
 from .config import SPLIT_NAMES, FinetuneConfig, StudyConfig, write_resolved
 from .errors import LifelogError
@@ -333,6 +336,36 @@ def export_keras3(model: Any, spec: BackboneSpec, method: str, n_classes: int, f
         storage.write_bytes_atomic((Path(d) / KERAS3_FILE).read_bytes(), dest)
 
 
+@contextlib.contextmanager
+def _epoch_progress(run_dir: str, options: dict | None, label: str, epochs: int) -> Iterator[None]:
+    """Report finished epochs while Ray Train runs: the controller names each registered checkpoint,
+    with its epoch, in the run's snapshot file (the driver has no other view into a running fit)."""
+    snapshot = storage.to_path(run_dir, options) / "checkpoint_manager_snapshot.json"
+    stop = threading.Event()
+
+    def poll() -> None:
+        last = None
+        while True:
+            try:
+                latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+                epoch = max(last or 0, int((latest.get("metrics") or {}).get("epoch", 0)))  # the final report has none
+            except (OSError, ValueError):
+                epoch = last or 0  # not written yet, or caught mid-write
+            if epoch != last:
+                last = epoch
+                progress.report(label, min(epoch, epochs), epochs, "epochs")
+            if stop.wait(1.0):
+                return
+
+    thread = threading.Thread(target=poll, name="epoch-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def refuse_old_checkpoints(run_dir: Path) -> None:
     """A run checkpointed before named checkpoints (format 1) is refused before it can resume by position."""
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
@@ -389,7 +422,8 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"]),
     )
-    result = trainer.fit()
+    with _epoch_progress(run_dir, cfg.storage.options, f"finetune {model}/{method}", f.epochs):
+        result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         d = Path(d)
         state = json.loads((d / "state.json").read_text())

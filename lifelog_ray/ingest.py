@@ -441,11 +441,14 @@ def build_manifest(cfg: StudyConfig) -> IngestResult:
         manifest[c] = manifest[c].astype("string")
 
     categories = category_table(manifest)
-    for _, r in short_of_day_splits(categories, data.split).iterrows():
-        days = manifest.loc[manifest["label"] == r["category"], "day"].nunique()
-        log.warning("category %r cannot reach all three splits under split_day: its images lie on %d day(s) "
-                    "(train/val/test images: %d/%d/%d); the day protocol will score it on fewer splits",
-                    r["category"], days, r["train_day"], r["val_day"], r["test_day"])
+    short = short_of_day_splits(categories, data.split)
+    if len(short):  # one warning for all: a few-day lifelog would otherwise print one per category
+        days = manifest.groupby("label")["day"].nunique()
+        each = ", ".join(f"{r['category']!r} ({days[r['category']]} day(s), {r['train_day']}/{r['val_day']}/"
+                         f"{r['test_day']})" for _, r in short.iterrows())
+        log.warning("%d of %d categories cannot reach all three splits under split_day, their images lying on too "
+                    "few days (days, train/val/test images): %s; the day protocol will score them on fewer splits",
+                    len(short), len(categories), each)
     study.mkdir(parents=True, exist_ok=True)
     storage.write_df_atomic(manifest, study / "manifest.parquet")
     replace_stage_rejects(study, "ingest", rej)

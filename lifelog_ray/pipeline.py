@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import StudyConfig, write_resolved
 from .errors import LifelogError
+
+if TYPE_CHECKING:
+    from .console import Console
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +57,12 @@ class StageSummary:
     detail: str
 
 
-def run_study(cfg: StudyConfig, stages: tuple[str, ...] = STAGES) -> list[StageSummary]:
-    """Run ``stages`` (and the stages they need whose outputs are missing), each skipping what is done."""
+def run_study(cfg: StudyConfig, stages: tuple[str, ...] = STAGES, console: Console | None = None) -> list[StageSummary]:
+    """Run ``stages`` (and the stages they need whose outputs are missing), each skipping what is done.
+
+    With a ``console`` (the CLI's and the jobs', or ``Console()`` from the Python API) each stage prints
+    its start line, a progress bar and its summary, and writes the rest to STUDY/logs/<stage>-<time>.log.
+    """
     from .runtime import ensure_ray
 
     study = cfg.study_dir
@@ -64,9 +73,13 @@ def run_study(cfg: StudyConfig, stages: tuple[str, ...] = STAGES) -> list[StageS
 
     def timed(stage: str, fn) -> None:
         t0 = time.perf_counter()
-        status, detail = fn()
-        out.append(StageSummary(stage, status, time.perf_counter() - t0, detail))
+        with console.stage(stage, study) if console else contextlib.nullcontext():
+            status, detail = fn()
+        row = StageSummary(stage, status, time.perf_counter() - t0, detail)
+        out.append(row)
         log.info("stage %s: %s (%s)", stage, status, detail)
+        if console:
+            console.say(f"[{stage}] {status} in {row.seconds:.1f}s: {detail}")
 
     if "manifest" in stages:
         def manifest():
@@ -77,7 +90,8 @@ def run_study(cfg: StudyConfig, stages: tuple[str, ...] = STAGES) -> list[StageS
         timed("manifest", manifest)
     # One Ray for the whole run: the cluster the job was submitted to, a running local one, or a new one.
     if any(s in stages for s in ("extract", "classify", "finetune")):
-        ensure_ray(cfg.ray)
+        with console.stage("ray", study, announce=False) if console else contextlib.nullcontext():
+            ensure_ray(cfg.ray)
     if "extract" in stages:
         def extract():
             from .extract import run_extract

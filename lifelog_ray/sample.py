@@ -283,14 +283,14 @@ SMOKE = {
 }
 
 
-def smoke_config(workdir: Path):
-    """A tiny generated lifelog under ``workdir`` and the SMOKE settings, as a StudyConfig."""
+def smoke_config(workdir: Path, overrides: dict | None = None):
+    """A tiny generated lifelog under ``workdir`` and the SMOKE settings (then ``overrides``), as a StudyConfig."""
     from .config import load_config
 
     root = workdir / "lifelog"
     write_sample(root, seed=0, days=2, images_per_day=30, image_size=(96, 72))
     cfg = load_config(None, {**SMOKE, "data.root": str(root), "data.labels": str(root / "labels.csv"),
-                             "output.study": str(workdir / "study")})
+                             "output.study": str(workdir / "study"), **(overrides or {})})
     small = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "search_space_small.yaml"
     if small.exists():
         cfg.classify.search_space = str(small)

@@ -86,3 +86,31 @@ def test_a_user_mistake_is_one_error_line_and_exit_2(small, capsys, argv, messag
     lines = [x for x in err.splitlines() if x.strip()]
     assert rc == 2 and "Traceback" not in err
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+
+
+def test_verbose_is_accepted_before_or_after_the_subcommand():
+    from lifelog_ray.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["-v", "report", "--study", "s"]).verbose
+    assert parser.parse_args(["report", "--study", "s", "--verbose"]).verbose
+    assert not parser.parse_args(["report", "--study", "s"]).verbose
+
+
+def test_a_bug_of_ours_names_its_log_which_holds_the_traceback(small, capfd, monkeypatch):
+    """Not a user mistake: the console gets one line naming the stage log; the traceback is in that log."""
+    import lifelog_ray.report
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.setattr(lifelog_ray.report, "build_report", broken)
+    rc = main(["report", "--study", str(small / "st")])
+    out, err = capfd.readouterr()
+    assert rc == 1 and "Traceback" not in out + err
+    assert out.splitlines()[0] == "[report] started"
+    (line,) = [x for x in err.splitlines() if x.strip()]
+    log = line.split("the traceback is in ")[1]
+    assert log.startswith(str(small / "st" / "logs" / "report-")) and log.endswith(".log")
+    text = open(log, encoding="utf-8").read()
+    assert "Traceback" in text and "RuntimeError: an internal bug" in text

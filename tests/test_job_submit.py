@@ -1,95 +1,72 @@
-"""`ray start --head` + `ray job submit jobs/study.py`: the cluster path users take, end to end on one machine."""
+"""The README's local cluster recipe (`ray start --head`, `ray job submit jobs/study.py`, `ray stop`), run as written."""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
-
-from lifelog_ray.config import config_to_yaml
-from lifelog_ray.extract import accounting
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def readme_cluster_recipe() -> list[str]:
+    """The README's local-cluster commands, continuation lines joined, exactly as a user copies them."""
+    text = (ROOT / "README.md").read_text("utf-8")
+    block = text.split("Locally, as a cluster with the Jobs API:", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def fresh_shell_env() -> dict[str, str]:
+    """A shell that never activated the venv: no venv on PATH, no RAY_ADDRESS, nothing set up by us."""
+    venv_bin = str(BIN)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep) if p != venv_bin)
+    return {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VIRTUAL_ENV", "PYTEST"))} | {"PATH": path}
+
+
+def test_readme_recipe_is_the_one_tested():
+    cmds = readme_cluster_recipe()
+    assert [c.split()[0] for c in cmds] == [".venv/bin/ray", "RAY_AUTH_MODE=token", ".venv/bin/ray"]
+    assert "--base-dir \"$PWD\"" in cmds[1] and "\"$PWD/.venv/bin/python\"" in cmds[1]
 
 
 @pytest.mark.slow
-@pytest.mark.cluster
-def test_submit_study_job_to_a_local_head(tmp_path, local_study):
-    """The job extracts a second backbone (vgg16) into the session's finished local study on the head's
-    workers: the whole study runs once per storage backend, and the head still does real Ray work."""
-    gcs, dash = free_port(), free_port()
-    # Ray 2.60 starts local clusters with token auth; clients send ~/.ray/auth_token only in token mode.
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS")
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
-         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
-         f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
-         # Fixed default agent ports (52365, ...) are taken by the test session's own Ray: pick free ones.
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+@pytest.mark.cluster  # sorted last (conftest): it stops the session's Ray to free the README's default ports
+def test_readme_cluster_recipe_runs_as_written(tmp_path):
+    """`ray start --head` / `ray job submit jobs/study.py` / `ray stop`, typed as the README writes them in a
+    fresh shell after `make demo`: the README's ports and token auth, the venv never activated. The job
+    runs the whole sample study in an uploaded copy of the code and writes it where the user looks."""
+    import ray
+
+    ray.shutdown()  # the session's Ray holds Ray's default agent ports (52365, ...) the README's head needs
+    work = tmp_path / "checkout"
+    shutil.copytree(ROOT, work, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "demo", "__pycache__", ".pytest_cache", ".ruff_cache", "out"))
+    (work / ".venv").symlink_to(ROOT / ".venv")  # `make demo` made it; the README's commands name it
+    env = fresh_shell_env()
+
+    def sh(cmd: str, timeout: int) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", cmd], cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+
+    made = sh(".venv/bin/lifelog-ray sample demo/lifelog", 300)  # what `make demo` does first
+    assert made.returncode == 0, made.stderr[-2000:]
+    start, submit, stop = readme_cluster_recipe()
     try:
-        address = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 120
-        while True:  # wait for the job API to answer
-            ok = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
-                                capture_output=True, timeout=60).returncode == 0
-            if ok:
-                break
-            assert time.time() < deadline, "Ray head did not come up"
-            time.sleep(3)
-        cfg = local_study[0].model_copy(deep=True)
-        cfg.extract.models = ["vgg16"]
-        study = cfg.study_dir
-        cfg_file = tmp_path / "job.yaml"
-        cfg_file.write_text(config_to_yaml(cfg))
-        ray_cmd = [str(BIN / "ray"), "job"]
-        submit = ray_cmd + ["submit", "--address", address, "--submission-id", "lifelog-test", "--no-wait",
-                            "--working-dir", str(ROOT), "--", "python", "jobs/study.py", "--config", str(cfg_file),
-                            "--stages", "extract"]
-        for _ in range(40):  # the job agent can come up a little after the dashboard answers
-            sub = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
-            if sub.returncode == 0 or "No available agent" not in sub.stdout + sub.stderr:
-                break
-            time.sleep(3)
-        assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
-        deadline = time.time() + 900
-        while time.time() < deadline:
-            st = subprocess.run(ray_cmd + ["status", "--address", address, "lifelog-test"], env=env,
-                                capture_output=True, text=True, timeout=60)
-            status = (st.stdout + st.stderr).lower()
-            if any(w in status for w in ("succeeded", "failed", "stopped")):
-                break
-            time.sleep(5)
-        logs = subprocess.run(ray_cmd + ["logs", "--address", address, "lifelog-test"], env=env,
-                              capture_output=True, text=True, timeout=120).stdout
-        assert "succeeded" in status, status[-2000:] + logs[-4000:]
-        assert "extract" in logs and "vgg16" in logs
-        assert sorted(p.name for p in (study / "features" / "vgg16").iterdir()
-                      if p.is_dir() and not p.name.startswith("_")) == ["fc2", "predictions"]
-        for model in ("vgg16", "vgg19"):  # every image once, in features or in rejects, for both backbones
-            for layer, a in accounting(study, model, ["fc2", "predictions"]).items():
-                assert a["manifest"] == a["features"] + a["rejects"] == a["unique"] + a["rejects"], (model, layer, a)
+        up = sh(start, 300)
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        job = sh(submit, 1500)
+        out = job.stdout + job.stderr
+        assert job.returncode == 0, out[-6000:]
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` takes its cluster down with it
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        current = Path("/tmp/ray/ray_current_cluster")  # what `ray stop` would clear; ours only
-        if current.exists() and current.read_text().strip().endswith(f":{gcs}"):
-            current.unlink()
+        sh(stop, 300)
+    for stage in ("manifest", "extract", "classify", "finetune", "report"):  # the job log reads like the CLI
+        assert f"[{stage}] done" in out, out[-4000:]
+    assert "Traceback" not in out and "(pid=" not in out
+    study = work / "demo" / "study"  # the config's relative path, from the user's folder, not the job's copy
+    assert (study / "report" / "index.html").exists()
+    assert pd.read_csv(study / "finetune" / "table4.csv")["accuracy"].max() > 50

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import progress
 from ..metrics import scores
 from .data import FeatureSet
 from .estimators import ClassifierSpec
@@ -52,6 +53,7 @@ def run_search(
         run_config=tune.RunConfig(
             name=name, storage_path=str(storage.resolve()), verbose=0,
             failure_config=tune.FailureConfig(max_failures=0),  # a failing grid point fails alone
+            callbacks=[progress.tune_callback("classify", len(points))],
         ),
     )
     results = tuner.fit()

@@ -1,0 +1,62 @@
+"""What a person reads: `lifelog-ray run` on the demo's config prints stage lines, progress and summaries,
+and nothing of Ray's, TensorFlow's or absl's; those go to STUDY/logs/<stage>-<time>.log."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lifelog_ray.console import Console
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+STAGES = ("manifest", "extract", "classify", "finetune", "report")
+NOISE = ("Traceback", " INFO ", "(pid=", "oneDNN", "absl", "cuda", "PlacementGroupCleaner", "Running Dataset",
+         "WARNING:")
+
+
+@pytest.mark.slow  # the demo's config end to end in its own process (its own local Ray): ~2 min on 2 cores
+def test_demo_run_prints_under_100_lines_with_every_stage_summary(tmp_path):
+    made = subprocess.run([str(BIN / "lifelog-ray"), "sample", str(tmp_path / "lifelog"), "--days", "2",
+                           "--images-per-day", "45"], capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    study = tmp_path / "study"
+    run = subprocess.run(
+        [str(BIN / "lifelog-ray"), "run", "--config", str(ROOT / "jobs" / "configs" / "sample.yaml"),
+         "--root", str(tmp_path / "lifelog"), "--labels", str(tmp_path / "lifelog" / "labels.csv"),
+         "--study", str(study), "--ray-address", "local", "--set", "finetune.epochs=2",
+         "--set", f"classify.search_space={ROOT / 'jobs' / 'configs' / 'search_space_small.yaml'}"],
+        capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-5000:]
+    lines = out.splitlines()
+    assert len(lines) <= 100, out
+    for stage in STAGES:
+        assert f"[{stage}] started" in out and re.search(rf"^\[{stage}\] done in [\d.]+s: ", out, re.M), out
+        assert re.search(rf"^  {stage} +done ", out, re.M), out  # the closing summary table
+    assert re.search(r"^  extract vgg19 \[#+\] \d+/\d+ images", out, re.M)  # the progress bar, a line per tenth
+    assert re.search(r"^  finetune vgg19/m1 \[#+\] 2/2 epochs", out, re.M)
+    noisy = [x for x in lines if any(n in x for n in NOISE)]
+    assert not noisy, noisy
+    logs = {p.name.split("-")[0] for p in (study / "logs").iterdir()}
+    assert set(STAGES) <= logs
+    extract_log = next((study / "logs").glob("extract-*.log")).read_text()
+    assert "INFO" in extract_log  # what the console left out is in the stage's log
+
+
+def test_progress_prints_a_line_per_tenth_when_not_a_terminal(tmp_path):
+    import io
+
+    out = io.StringIO()
+    with Console(out=out, err=out):
+        from lifelog_ray import progress
+
+        for done in range(0, 201):
+            progress.report("extract vgg19", done, 200, "images")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 11  # 0 %, 10 %, ..., 100 %
+    assert lines[-1].startswith("  extract vgg19 [########################] 200/200 images")

@@ -148,6 +148,8 @@ CLASSIFY_FLAGS: list[Flag] = [
     ("--select-metric", "classify.select_metric", {}),
     ("--search-space", "classify.search_space", {"help": "YAML file of grids per classifier"}),
     ("--refit-on", "classify.refit_on", {"choices": ["train", "train+val"]}),
+    ("--protocol", "classify.protocol", {"choices": ["image", "day", "both"],
+                                         "help": "split per image (the paper's), per whole day, or both side by side"}),
 ]
 
 
@@ -173,6 +175,8 @@ FINETUNE_FLAGS: list[Flag] = [
     ("--workers", "finetune.workers", {"type": int}),
     ("--image-size", "finetune.image_size", {"type": int}),
     ("--gpus-per-worker", "finetune.gpus_per_worker", {"type": float}),
+    ("--protocol", "finetune.protocol", {"choices": ["image", "day"],
+                                         "help": "train and test on the per-image split (the paper's) or whole days"}),
 ]
 
 

@@ -98,6 +98,13 @@ class ClassifyConfig(_Section):
     xgboost_workers: int = Field(2, ge=1)
     distributed_min_rows: int = Field(2_000_000, ge=1)
     seed: int = 0
+    # image: the paper's per-image split (manifest `split`); day: whole days per split (`split_day`), what a
+    # model meets on new days; both: the whole selection once per protocol, side by side in the report.
+    protocol: Literal["image", "day", "both"] = "image"
+
+    @property
+    def protocols(self) -> list[str]:
+        return ["image", "day"] if self.protocol == "both" else [self.protocol]
 
     @field_validator("pca", mode="before")
     @classmethod
@@ -125,6 +132,7 @@ class ClassifyConfig(_Section):
 class FinetuneConfig(_Section):
     models: list[Literal["vgg19", "vgg16"]] = ["vgg19"]
     methods: list[Literal["m1", "m2", "m3"]] = ["m1", "m2", "m3"]
+    protocol: Literal["image", "day"] = "image"  # the manifest's split column trained and tested on (classify.protocol)
     weights: str = "imagenet"
     seed: int = 0
     image_size: int = Field(224, ge=32)

@@ -274,6 +274,16 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.report({"final": 1.0}, checkpoint=Checkpoint.from_directory(d))
 
 
+def split_column(f: FinetuneConfig) -> str:
+    """The manifest column of the chosen protocol: the paper's per-image `split`, or whole days (`split_day`)."""
+    return "split" if f.protocol == "image" else "split_day"
+
+
+def run_dir_name(method: str, protocol: str) -> str:
+    """finetune/<model>/<this>: the paper's protocol keeps the plain method name; the day protocol's runs sit apart."""
+    return method if protocol == "image" else f"{method}__{protocol}"
+
+
 @dataclass
 class FinetuneRun:
     model: str
@@ -284,13 +294,14 @@ class FinetuneRun:
     resumed_at: list[int]
     skipped: bool
     metrics: dict[str, float]
+    protocol: str = "image"
 
 
 def _signature(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFrame) -> str:
     f = cfg.finetune.model_dump(mode="json")
     for k in ("models", "methods", "workers", "gpus_per_worker", "cpus_per_worker", "max_failures"):
         f.pop(k)  # how it runs, not what it learns
-    ids = hashlib.sha1("\n".join(manifest["image_id"] + manifest["split"]).encode()).hexdigest()
+    ids = hashlib.sha1("\n".join(manifest["image_id"] + manifest[split_column(cfg.finetune)]).encode()).hexdigest()
     return hashlib.sha1(json.dumps([model, method, f, ids], sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -384,17 +395,19 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
 
     f = cfg.finetune
     study = cfg.study_dir
-    out = study / "finetune" / model / method
+    out = study / "finetune" / model / run_dir_name(method, f.protocol)
     sig = _signature(cfg, model, method, manifest)
+    col = split_column(f)
     done = out / "metrics.json"
     if done.exists() and json.loads(done.read_text()).get("signature") == sig:
         m = json.loads(done.read_text())
-        return FinetuneRun(model, method, out, m["epochs"], m["best_epoch"], m["resumed_at"], True, m["scores"])
+        return FinetuneRun(model, method, out, m["epochs"], m["best_epoch"], m["resumed_at"], True, m["scores"],
+                           f.protocol)
     # Weights travel as arrays; the spec only shapes the model (hence "none" here).
     spec = BackboneSpec(model, ("fc2",), "none", f.image_size, f.seed, "float32")
     max_px, opts = cfg.extract.max_image_pixels, cfg.storage.options
     datasets = {
-        s: image_dataset(manifest[manifest["split"] == s], classes, f.image_size, max_px, f.batch_size, f.seed,
+        s: image_dataset(manifest[manifest[col] == s], classes, f.image_size, max_px, f.batch_size, f.seed,
                          shuffle=(s == "train"), jpeg_draft=cfg.extract.jpeg_draft, options=opts)
         for s in SPLIT_NAMES
     }
@@ -408,8 +421,8 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={"finetune": f.model_dump(), "spec": asdict(spec), "method": method, "classes": classes,
-                           "weights": ray.put(weights), "n_train": int((manifest["split"] == "train").sum()),
-                           "n_val": int((manifest["split"] == "val").sum()),
+                           "weights": ray.put(weights), "n_train": int((manifest[col] == "train").sum()),
+                           "n_val": int((manifest[col] == "val").sum()),
                            "fault_after_epoch": int(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None,
                            "run_dir": run_dir, "storage_options": cfg.storage.options},
         scaling_config=ray.train.ScalingConfig(
@@ -446,11 +459,12 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
                     out / "predictions.parquet")
     scores_ = {k: rep[k] for k in METRIC_COLUMNS}
     meta = {"signature": sig, "epochs": state["epoch"], "best_epoch": state["best_epoch"],
-            "resumed_at": state["resumed_at"], "restores": state.get("restores", []), "scores": scores_, "report": rep, "classes": classes,
+            "protocol": f.protocol, "resumed_at": state["resumed_at"], "restores": state.get("restores", []), "scores": scores_, "report": rep, "classes": classes,
             "image_size": f.image_size, "preprocess": f"keras.applications.{model}.preprocess_input"}
     write_resolved(cfg, out)
     storage.write_text_atomic(json.dumps(meta, indent=1), done)  # last: marks the run complete
-    return FinetuneRun(model, method, out, state["epoch"], state["best_epoch"], state["resumed_at"], False, scores_)
+    return FinetuneRun(model, method, out, state["epoch"], state["best_epoch"], state["resumed_at"], False, scores_,
+                       f.protocol)
 
 
 def table4(runs: list[FinetuneRun]) -> tuple[str, pd.DataFrame]:
@@ -458,7 +472,9 @@ def table4(runs: list[FinetuneRun]) -> tuple[str, pd.DataFrame]:
              **{k: round(100 * r.metrics[k], 2) for k in TABLE_METRICS}}
             for r in runs]
     df = pd.DataFrame(rows)
+    protocols = sorted({r.protocol for r in runs} - {"image"})
     md = ["# Table 4: Approach 2 (fine-tuning), test split, percent (precision/recall/F1 macro)\n",
+          *([f"Protocol: {', '.join(protocols)} (whole days per split).\n"] if protocols else []),
           "| Model | Method | Accuracy | Precision | Recall | F1-Score |", "|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['model']} | {r['method']} | {r['accuracy']:.2f} | {r['precision_macro']:.2f} | "
@@ -474,6 +490,9 @@ def run_finetune(cfg: StudyConfig) -> list[FinetuneRun]:
     if not (study / "manifest.parquet").exists():
         raise LifelogError(f"{study}: no manifest.parquet; run `lifelog-ray manifest` first")
     manifest = storage.read_parquet(study / "manifest.parquet")
+    if split_column(f) not in manifest:
+        raise LifelogError(f"{study}/manifest.parquet has no {split_column(f)} column (built by an older version); "
+                           f"rerun `lifelog-ray manifest` (the per-image splits are kept)")
     classes = sorted(manifest["label"].unique())
     # Resolve weights first (before Ray): one load per distinct spec, fail fast on a bad weights spec.
     cache: dict[tuple, Any] = {}
@@ -497,7 +516,7 @@ def run_finetune(cfg: StudyConfig) -> list[FinetuneRun]:
     md, df = table4(runs)
     storage.write_text_atomic(md, study / "finetune" / "table4.md")
     storage.write_text_atomic(df.to_csv(index=False), study / "finetune" / "table4.csv")
-    storage.write_df_atomic(pd.DataFrame([{"model": r.model, "method": r.method, **r.metrics, "epochs": r.epochs,
+    storage.write_df_atomic(pd.DataFrame([{"protocol": r.protocol, "model": r.model, "method": r.method, **r.metrics, "epochs": r.epochs,
                                    "best_epoch": r.best_epoch} for r in runs]),
                     study / "finetune" / "results.parquet")
     return runs

@@ -21,7 +21,7 @@ from .config import StudyConfig
 from .errors import LifelogError
 from .images import decoded_images
 from .ingest import day_of, derive_image_id, scan_images, timestamp_from_exif, timestamp_from_name
-from .results import best_row
+from .results import best_row, of_protocol
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,10 @@ def choose_pipeline(study: Path, which: str) -> Choice:
         raise LifelogError(f"--pipeline {which!r}: use auto, approach1, approach2 or MODEL/LAYER/CLASSIFIER")
     frames = []  # approach 1 rows first: a full tie goes to approach 1
     if (study / "classify" / "results.parquet").exists():
-        r = storage.read_parquet(study / "classify" / "results.parquet")
+        r = of_protocol(storage.read_parquet(study / "classify" / "results.parquet"))
         frames.append(r.assign(approach=1, variant=r["layer"] + "/" + r["classifier"]))
     if (study / "finetune" / "results.parquet").exists():
-        r = storage.read_parquet(study / "finetune" / "results.parquet")
+        r = of_protocol(storage.read_parquet(study / "finetune" / "results.parquet"))
         frames.append(r.assign(approach=2, variant=r["method"]))
     cands = pd.concat([f[["approach", "model", "variant", "accuracy", "f1_macro"]] for f in frames],
                       ignore_index=True) if frames else pd.DataFrame()

@@ -13,10 +13,11 @@ import yaml
 
 from . import storage
 from .errors import LifelogError
+from .finetune import run_dir_name
 from .html import escape, png_uri, table, thumb
 from .metrics import TABLE_METRICS
 from .rejects import read_rejects
-from .results import best_row
+from .results import best_row, of_protocol
 from .results import ranked as rank
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,29 @@ def _gallery(preds: pd.DataFrame, manifest: pd.DataFrame, limit: int, options: s
     return f"<div class='gallery'>{''.join(figs)}</div>"
 
 
+GAP_SENTENCE = ("The gap is how much of the per-image score comes from near-duplicate frames: under the per-image "
+                "split almost every test image has a near-copy from the same minute in training, while under the "
+                "day split every test image comes from a day the model never saw, as on a new day of a real "
+                "lifelog.")
+
+
+def _protocol_section(results: pd.DataFrame) -> list[str]:
+    """Both evaluation protocols side by side, per pipeline, with the gap, when classify ran both."""
+    if "protocol" not in results or set(results["protocol"]) != {"image", "day"}:
+        return []
+    keys = ["model", "layer", "classifier"]
+    wide = (results.pivot_table(index=keys, columns="protocol", values=["accuracy", "f1_macro"]) * 100)
+    wide.columns = [f"{metric} ({protocol})" for metric, protocol in wide.columns]
+    wide = wide.reset_index()
+    wide["accuracy gap"] = wide["accuracy (image)"] - wide["accuracy (day)"]
+    wide["f1_macro gap"] = wide["f1_macro (image)"] - wide["f1_macro (day)"]
+    wide = wide[keys + ["accuracy (image)", "accuracy (day)", "accuracy gap", "f1_macro (image)", "f1_macro (day)",
+                        "f1_macro gap"]].sort_values("accuracy (image)", ascending=False, kind="stable")
+    return ["<h2 id='protocols'>Per-image split vs day split (Approach 1)</h2>",
+            f"<p class='note'>Test split, percent; gap = per-image minus day. {escape(GAP_SENTENCE)}</p>",
+            table(wide)]
+
+
 def build_report(study: str | Path, gallery_size: int = 24, options: storage.Options | None = None) -> Path:
     """``options``: storage options for URIs (the study's own config supplies them when not given)."""
     study = storage.to_path(study, options)
@@ -112,7 +136,10 @@ def build_report(study: str | Path, gallery_size: int = 24, options: storage.Opt
     if (cls_dir / "results.parquet").exists():
         from .classify.study import TABLE_BLOCKS, order_layers
 
-        res = storage.read_parquet(cls_dir / "results.parquet")
+        all_res = storage.read_parquet(cls_dir / "results.parquet")
+        res = of_protocol(all_res)
+        if res.empty:  # a study run with the day protocol only
+            res = all_res
         parts.append("<h2 id='table3'>Approach 1: pre-trained features + classifiers (Table 3)</h2>")
         parts.append("<p class='note'>Test split, percent; precision, recall and F1 are macro averages. "
                      "Each cell is the classifier's best grid point on the validation split.</p>")
@@ -133,7 +160,8 @@ def build_report(study: str | Path, gallery_size: int = 24, options: storage.Opt
             parts.append(f"<h3>Confusion matrix of the best pipeline ({escape(tag.replace('__', ' / '))})</h3>"
                          f"<div class='cm'><img alt='confusion {tag}' src='{_confusion_png(storage.read_csv(cm_path, index_col=0), tag)}'></div>")
         if (cls_dir / "predictions.parquet").exists():
-            preds = storage.read_parquet(cls_dir / "predictions.parquet")
+            preds = of_protocol(storage.read_parquet(cls_dir / "predictions.parquet"), str(res["protocol"].iloc[0])
+                                if "protocol" in res else "image")
             # The best pipeline's mistakes; if it made none, those of the best pipeline that made some.
             ranked = rank(res)
             chosen, note = None, ""
@@ -152,10 +180,16 @@ def build_report(study: str | Path, gallery_size: int = 24, options: storage.Opt
                          (_gallery(chosen, manifest, gallery_size, options) if chosen is not None
                           else "<p class='note'>No pipeline misclassified a test image.</p>"))
 
+        parts += _protocol_section(all_res)
+
     # Approach 2.
     ft_dir = study / "finetune"
     if (ft_dir / "results.parquet").exists():
-        ft = storage.read_parquet(ft_dir / "results.parquet")
+        ft_all = storage.read_parquet(ft_dir / "results.parquet")
+        ft = of_protocol(ft_all)
+        if ft.empty:  # fine-tuned under the day protocol only
+            ft = ft_all
+        ft = ft.assign(run_dir=[run_dir_name(m, p) for m, p in zip(ft["method"], ft.get("protocol", ["image"] * len(ft)))])
         parts.append("<h2 id='table4'>Approach 2: fine-tuning (Table 4)</h2>")
         t4 = ft[["model", "method", *TABLE_METRICS, "epochs", "best_epoch"]].copy()
         t4["method"] = t4["method"].str.upper()
@@ -167,12 +201,12 @@ def build_report(study: str | Path, gallery_size: int = 24, options: storage.Opt
                           "accuracy": 100 * b["accuracy"], "f1_macro": 100 * b["f1_macro"]})
         parts.append("<h3 id='curves'>Learning curves (Figure 2)</h3><div class='curves'>")
         for _, r in ft.iterrows():
-            png = ft_dir / r["model"] / r["method"] / "learning_curves.png"
+            png = ft_dir / r["model"] / r["run_dir"] / "learning_curves.png"
             if png.exists():
                 parts.append(f"<img alt='learning curves {r['model']} {r['method']}' src='{png_uri(png.read_bytes())}'>")
         parts.append("</div>")
         for _, r in ft.iterrows():
-            cm_path = ft_dir / r["model"] / r["method"] / "confusion.csv"
+            cm_path = ft_dir / r["model"] / r["run_dir"] / "confusion.csv"
             if cm_path.exists():
                 title = f"{r['model']} {r['method'].upper()}"
                 parts.append(f"<div class='cm'><img alt='confusion {title}' "
@@ -182,10 +216,10 @@ def build_report(study: str | Path, gallery_size: int = 24, options: storage.Opt
         parts.insert(3, "<h2 id='best'>Best model per approach</h2>" + table(pd.DataFrame(best_rows)))
         comp = []
         if (cls_dir / "results.parquet").exists():
-            r1 = storage.read_parquet(cls_dir / "results.parquet").groupby("model")["accuracy"].max()
+            r1 = of_protocol(storage.read_parquet(cls_dir / "results.parquet")).groupby("model")["accuracy"].max()
             comp += [{"approach": "1", "model": m, "best accuracy": 100 * v} for m, v in r1.items()]
         if (ft_dir / "results.parquet").exists():
-            r2 = storage.read_parquet(ft_dir / "results.parquet").groupby("model")["accuracy"].max()
+            r2 = of_protocol(storage.read_parquet(ft_dir / "results.parquet")).groupby("model")["accuracy"].max()
             comp += [{"approach": "2", "model": m, "best accuracy": 100 * v} for m, v in r2.items()]
         parts.append("<h2 id='vgg16-vs-vgg19'>VGG16 vs VGG19</h2>" + table(pd.DataFrame(comp)))
 

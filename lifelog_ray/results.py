@@ -16,6 +16,14 @@ from . import storage
 from .errors import LifelogError
 
 RANK_BY = ["accuracy", "f1_macro"]
+DEFAULT_PROTOCOL = "image"  # the paper's per-image split: Table 3 and every "best pipeline" use it by default
+
+
+def of_protocol(results: pd.DataFrame, protocol: str = DEFAULT_PROTOCOL) -> pd.DataFrame:
+    """The rows of one evaluation protocol (results written before protocols existed are per-image)."""
+    if "protocol" not in results:
+        return results if protocol == DEFAULT_PROTOCOL else results.iloc[0:0]
+    return results[results["protocol"] == protocol]
 
 
 def ranked(results: pd.DataFrame) -> pd.DataFrame:
@@ -41,7 +49,7 @@ def best_approach1(study: Path, model: str | None = None, layer: str | None = No
     path = study / "classify" / "results.parquet"
     if not path.exists():
         raise LifelogError(f"{study}: no classify results; run `lifelog-ray classify` first")
-    r = storage.read_parquet(path)
+    r = of_protocol(storage.read_parquet(path))
     for col, v in (("model", model), ("layer", layer), ("classifier", classifier)):
         if v:
             r = r[r[col] == v]

@@ -74,12 +74,14 @@ def _choose_k(evr: np.ndarray, spec: float | int) -> int:
     return int(min(int(spec), len(evr)))
 
 
-def fit_pca_streaming(ds: pads.Dataset, spec: float | int, batch_rows: int, max_components: int) -> IncrementalPCA:
+def fit_pca_streaming(ds: pads.Dataset, spec: float | int, batch_rows: int, max_components: int,
+                      train: pc.Expression | None = None) -> IncrementalPCA:
     """Incremental PCA over the train split, batch by batch from disk: memory is bounded by a batch."""
+    train = pc.field("split") == "train" if train is None else train
     ipca = IncrementalPCA(n_components=max_components)
     pending: list[np.ndarray] = []
     rows = 0
-    for b in ds.to_batches(columns=["features"], filter=pc.field("split") == "train", batch_size=batch_rows):
+    for b in ds.to_batches(columns=["features"], filter=train, batch_size=batch_rows):
         pending.append(_to_matrix(pa.chunked_array([b.column(0)])))
         rows += len(pending[-1])
         if rows >= max(batch_rows, max_components):
@@ -99,7 +101,10 @@ def fit_pca_streaming(ds: pads.Dataset, spec: float | int, batch_rows: int, max_
 def load_feature_set(
     study: Path, model: str, layer: str, pca: float | int | None, solver: str = "auto", seed: int = 0,
     memory_limit_bytes: int = 4 << 30, batch_rows: int = 20_000, max_components: int = 1024,
+    splits: dict[str, str] | None = None,
 ) -> FeatureSet:
+    """``splits`` (image_id -> split, e.g. the manifest's `split_day`) replaces the shards' `split` column,
+    which stays informational: another protocol needs no re-extraction."""
     ds = _dataset(study, model, layer)
     meta = ds.to_table(columns=["image_id", "label", "split"])
     n = meta.num_rows
@@ -111,7 +116,9 @@ def load_feature_set(
         solver = "incremental" if big else "full"
     fitted = None
     if pca is not None and solver == "incremental":
-        fitted = fit_pca_streaming(ds, pca, batch_rows, min(max_components, width or max_components))
+        train = (pc.field("split") == "train" if splits is None else
+                 pc.field("image_id").isin(pa.array([i for i, s in splits.items() if s == "train"], pa.string())))
+        fitted = fit_pca_streaming(ds, pca, batch_rows, min(max_components, width or max_components), train)
     X: dict[str, list[np.ndarray]] = {s: [] for s in SPLIT_NAMES}
     y: dict[str, list[np.ndarray]] = {s: [] for s in SPLIT_NAMES}
     ids: dict[str, list[np.ndarray]] = {s: [] for s in SPLIT_NAMES}
@@ -125,8 +132,10 @@ def load_feature_set(
         if fitted is not None:
             feats = fitted.transform(feats).astype(np.float32)
         split = np.asarray(b.column("split").to_pylist())
-        labels = np.asarray([index[v] for v in b.column("label").to_pylist()])
         image_ids = np.asarray(b.column("image_id").to_pylist())
+        if splits is not None:
+            split = np.asarray([splits.get(i, s) for i, s in zip(image_ids, split)])
+        labels = np.asarray([index[v] for v in b.column("label").to_pylist()])
         for s in SPLIT_NAMES:
             m = split == s
             X[s].append(feats[m])

@@ -33,8 +33,14 @@ def serialize(est: Any, is_xgboost: bool) -> tuple[bytes, str]:
     return sio.dumps(est), "skops"
 
 
-def save_pipeline(out: Path, fs: FeatureSet, spec: ClassifierSpec, params: dict, fitted: dict) -> Path:
-    d = out / "models" / fs.model / fs.layer / spec.name
+def pipeline_dir(out: Path, model: str, layer: str, classifier: str, protocol: str = "image") -> Path:
+    """Where a saved pipeline lives: day-protocol pipelines apart from the paper's (per-image) ones."""
+    return out / ("models" if protocol == "image" else f"models_{protocol}") / model / layer / classifier
+
+
+def save_pipeline(out: Path, fs: FeatureSet, spec: ClassifierSpec, params: dict, fitted: dict,
+                  protocol: str = "image") -> Path:
+    d = pipeline_dir(out, fs.model, fs.layer, spec.name, protocol)
     files = {}
     if fs.pca is not None:
         buf = io.BytesIO()
@@ -45,7 +51,8 @@ def save_pipeline(out: Path, fs: FeatureSet, spec: ClassifierSpec, params: dict,
     name = "model.ubj" if fitted["format"].startswith("xgboost") else "model.skops"
     storage.write_bytes_atomic(fitted["blob"], d / name)
     files[name] = hashlib.sha256(fitted["blob"]).hexdigest()
-    meta = {"model": fs.model, "layer": fs.layer, "classifier": spec.name, "estimator": spec.estimator,
+    meta = {"protocol": protocol, "model": fs.model, "layer": fs.layer, "classifier": spec.name,
+            "estimator": spec.estimator,
             "params": params, "fixed": spec.fixed, "classes": fs.classes, "feature_width": fs.width,
             "pca_components": fs.n_components if fs.pca is not None else None, "format": fitted["format"],
             "sha256": files}
@@ -56,7 +63,7 @@ def save_pipeline(out: Path, fs: FeatureSet, spec: ClassifierSpec, params: dict,
 def load_pipeline(study: str | Path, model: str, layer: str, classifier: str, extra_trusted: list[str] | None = None):
     """Load a saved pipeline of the study the user named. Never unpickles: skops refuses unknown types,
     XGBoost loads its own format; files must match the hashes recorded when they were written."""
-    d = storage.to_path(study) / "classify" / "models" / model / layer / classifier
+    d = pipeline_dir(storage.to_path(study) / "classify", model, layer, classifier)
     meta_path = d / "pipeline.json"
     if not meta_path.exists():
         raise LifelogError(f"{d}: no saved pipeline (run `lifelog-ray classify` first)")

@@ -17,7 +17,7 @@ from .. import storage
 from ..config import StudyConfig, write_resolved
 from ..errors import LifelogError
 from ..metrics import METRIC_COLUMNS, TABLE_METRICS, full_report
-from ..results import best_row
+from ..results import DEFAULT_PROTOCOL, best_row, of_protocol
 from .data import FeatureSet, discover, load_feature_set
 from .estimators import ClassifierSpec, load_search_space, params_json
 from .persist import save_pipeline, serialize
@@ -39,7 +39,8 @@ class ClassifyResult:
 
     def line(self) -> str:
         ok = (self.trials["status"] == "ok").sum()
-        best = best_row(self.results)
+        shown = of_protocol(self.results)
+        best = best_row(shown if len(shown) else self.results)
         return (("classify (results current, skipped): " if self.skipped else "classify: ") + f"{len(self.trials)} trials ({ok} ok, {len(self.trials) - ok} failed) in "
                 f"{self.seconds:.0f}s; best test accuracy {100 * best['accuracy']:.2f}% "
                 f"({best['model']}/{best['layer']} + {best['classifier']}) -> {self.output}")
@@ -87,7 +88,7 @@ def order_layers(layers: list[str]) -> list[str]:
     return known + sorted(la for la in layers if la not in known)
 
 
-def table3(results: pd.DataFrame, classifiers: list[str]) -> tuple[str, pd.DataFrame]:
+def table3(results: pd.DataFrame, classifiers: list[str], protocol: str = DEFAULT_PROTOCOL) -> tuple[str, pd.DataFrame]:
     """The paper's Table 3: blocks per metric, rows = layers (per model), columns = classifiers, in percent."""
     rows, md = [], []
     models = sorted(results["model"].unique())
@@ -106,17 +107,36 @@ def table3(results: pd.DataFrame, classifiers: list[str]) -> tuple[str, pd.DataF
                 cells = [f"{v:.2f}" if v is not None else "—" for v in vals.values()]
                 md.append(f"| {m} | {layer} | " + " | ".join(cells) + " |")
     header = "# Table 3: Approach 1 (pre-trained features + PCA + classifiers), test split, percent\n"
+    if protocol != DEFAULT_PROTOCOL:
+        header += f"\nProtocol: {protocol} (whole days per split: test days are days the model never saw).\n"
     return header + "\n".join(md) + "\n", pd.DataFrame(rows)
 
 
-def _signature(study: Path, pairs: list[tuple[str, str]], cfg: StudyConfig, specs: list[ClassifierSpec]) -> str:
-    """What the results depend on: the classify config, the search space, and the feature shards present."""
-    h = hashlib.sha1(json.dumps([cfg.classify.model_dump(mode="json"), [asdict(s) for s in specs]],
+def _signature(study: Path, pairs: list[tuple[str, str]], cfg: StudyConfig, specs: list[ClassifierSpec],
+               day_splits: dict[str, str] | None) -> str:
+    """What the results depend on: the classify config, the search space, the feature shards present and,
+    under the day protocol, the manifest's day splits."""
+    h = hashlib.sha1(json.dumps([cfg.classify.model_dump(mode="json"), [asdict(s) for s in specs],
+                                 sorted(day_splits.items()) if day_splits else None],
                                 sort_keys=True, default=str).encode())
     for m, la in pairs:
         for f in storage.files(study / "features" / m / la, (".parquet",)):
             h.update(f"{storage.relative(f, study)}:{f.stat().st_size}".encode())
     return h.hexdigest()[:16]
+
+
+def day_splits(study: Path) -> dict[str, str]:
+    """image_id -> the manifest's `split_day` (whole days per split)."""
+    manifest = storage.read_parquet(study / "manifest.parquet")
+    if "split_day" not in manifest:
+        raise LifelogError(f"{study}/manifest.parquet has no split_day column (built by an older version); "
+                           f"rerun `lifelog-ray manifest` (the per-image splits are kept)")
+    return dict(zip(manifest["image_id"].astype(str), manifest["split_day"].astype(str)))
+
+
+def _suffix(protocol: str) -> str:
+    """File-name suffix of a protocol's outputs: none for the paper's, so their paths do not change."""
+    return "" if protocol == DEFAULT_PROTOCOL else f"__{protocol}"
 
 
 def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
@@ -131,21 +151,26 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
     t0 = time.perf_counter()
     pairs = discover(study, c.models, c.layers)
     specs = load_search_space(c.search_space, c.classifiers)
-    sig = _signature(study, pairs, cfg, specs)
+    days = day_splits(study) if "day" in c.protocols else None
+    sig = _signature(study, pairs, cfg, specs, days)
     done = out / "_done.json"
     if not force and done.exists() and json.loads(done.read_text("utf-8")).get("signature") == sig:
         log.info("classify: results are current (signature %s), skipping", sig)
         return ClassifyResult(storage.read_parquet(out / "trials.parquet"), storage.read_parquet(out / "results.parquet"),
                               out, 0.0, skipped=True)
     pca = c.pca  # parsed and checked by the config
-    sets = {f"{m}/{la}": load_feature_set(study, m, la, pca, c.pca_solver, c.seed) for m, la in pairs}
+    # One feature set per protocol and (model, layer): PCA is fitted on that protocol's train split.
+    sets = {f"{proto}:{m}/{la}": load_feature_set(study, m, la, pca, c.pca_solver, c.seed,
+                                                   splits=days if proto == "day" else None)
+            for proto in c.protocols for m, la in pairs}
     n_jobs = max(1, int(c.cpus_per_trial))
     points, dist_points = [], []
     for key, fs in sets.items():
+        protocol = key.split(":", 1)[0]
         for spec in specs:
             for i, params in enumerate(spec.points()):
-                p = {"set": key, "model": fs.model, "layer": fs.layer, "classifier": spec.name, "index": i,
-                     "point": f"{key}/{spec.name}/{i}", "params": params, "spec": asdict(spec),
+                p = {"set": key, "protocol": protocol, "model": fs.model, "layer": fs.layer, "classifier": spec.name,
+                     "index": i, "point": f"{key}/{spec.name}/{i}", "params": params, "spec": asdict(spec),
                      "seed": c.seed, "n_jobs": n_jobs}
                 (dist_points if _use_distributed(cfg, spec, fs) else points).append(p)
     ensure_ray(cfg.ray)
@@ -169,7 +194,7 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
     rows = []
     for p in points + dist_points:
         r = records.get(p["point"], {"status": "error", "error": "trial produced no result"})
-        rows.append({"model": p["model"], "layer": p["layer"], "classifier": p["classifier"],
+        rows.append({"protocol": p["protocol"], "model": p["model"], "layer": p["layer"], "classifier": p["classifier"],
                      "point_index": p["index"], "params": params_json(p["params"]),
                      "distributed": p in dist_points, **{k: v for k, v in r.items() if k != "point"}})
     trials = pd.DataFrame(rows)
@@ -183,13 +208,14 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
     # Best point per (model, layer, classifier): highest validation metric, ties to the earliest grid point
     # (GridSearchCV's rule), so the choice is reproducible.
     best = (ok.sort_values([metric, "point_index"], ascending=[False, True])
-              .groupby(["model", "layer", "classifier"], sort=False).head(1))
+              .groupby(["protocol", "model", "layer", "classifier"], sort=False).head(1))
     spec_by_name = {s.name: s for s in specs}
     sets_ref = {k: ray.put(v) for k, v in sets.items()}
     remote = ray.remote(num_cpus=c.cpus_per_trial)(_refit_remote)
     jobs = []
     for _, b in best.iterrows():
-        key, spec, params = f"{b['model']}/{b['layer']}", spec_by_name[b["classifier"]], json.loads(b["params"])
+        key = f"{b['protocol']}:{b['model']}/{b['layer']}"
+        spec, params = spec_by_name[b["classifier"]], json.loads(b["params"])
         distributed = _use_distributed(cfg, spec, sets[key])
         if distributed:
             jobs.append((b, spec, params, refit_and_test(sets[key], spec, params, c.refit_on, c.seed, n_jobs,
@@ -199,29 +225,35 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
     result_rows, pred_frames = [], []
     for b, spec, params, job in jobs:
         fitted = job if isinstance(job, dict) else ray.get(job)
-        fs = sets[f"{b['model']}/{b['layer']}"]
+        protocol = b["protocol"]
+        fs = sets[f"{protocol}:{b['model']}/{b['layer']}"]
         rep = fitted["report"]
-        path = save_pipeline(out, fs, spec, params, fitted)
-        tag = f"{fs.model}__{fs.layer}__{spec.name}"
+        path = save_pipeline(out, fs, spec, params, fitted, protocol)
+        tag = f"{fs.model}__{fs.layer}__{spec.name}{_suffix(protocol)}"
         storage.write_text_atomic(json.dumps(rep, indent=1), out / "reports" / f"{tag}.json")
         cm = pd.DataFrame(rep["confusion"], index=fs.classes, columns=fs.classes)
         storage.write_text_atomic(cm.to_csv(index_label="true\\predicted"), out / "confusion" / f"{tag}.csv")
         result_rows.append({
-            "model": fs.model, "layer": fs.layer, "classifier": spec.name, "params": params_json(params),
+            "protocol": protocol, "model": fs.model, "layer": fs.layer, "classifier": spec.name, "params": params_json(params),
             **{k: rep[k] for k in METRIC_COLUMNS},
             f"val_{c.select_metric}": float(b[metric]), "pca_components": fs.n_components if fs.pca is not None else None,
             "feature_width": fs.width, "n_train": len(fs.y["train"]), "n_test": len(fs.y["test"]),
             "refit_on": c.refit_on, "distributed": bool(b["distributed"]), "pipeline": str(path),
         })
-        pred_frames.append(pd.DataFrame({"model": fs.model, "layer": fs.layer, "classifier": spec.name,
+        pred_frames.append(pd.DataFrame({"protocol": protocol, "model": fs.model, "layer": fs.layer, "classifier": spec.name,
                                          "image_id": fs.ids["test"], "true": [fs.classes[i] for i in fs.y["test"]],
                                          "pred": [fs.classes[i] for i in fitted["pred"]]}))
     results = pd.DataFrame(result_rows)
     storage.write_df_atomic(results, out / "results.parquet")
     storage.write_df_atomic(pd.concat(pred_frames, ignore_index=True), out / "predictions.parquet")
-    md, csv = table3(results, [s.name for s in specs])
-    storage.write_text_atomic(md, out / "table3.md")
-    storage.write_text_atomic(csv.to_csv(index=False), out / "table3.csv")
+    for protocol in c.protocols:  # table3.md is the paper's (per-image) table; table3__day.md the day protocol's
+        md, csv = table3(of_protocol(results, protocol), [s.name for s in specs], protocol)
+        storage.write_text_atomic(md, out / f"table3{_suffix(protocol)}.md")
+        storage.write_text_atomic(csv.to_csv(index=False), out / f"table3{_suffix(protocol)}.csv")
+    if "day" not in c.protocols:
+        for name in ("table3__day.md", "table3__day.csv"):  # a day table from an earlier run no longer holds
+            if (out / name).exists():
+                storage.unlink(out / name)
     write_resolved(cfg, out)
     storage.write_text_atomic(json.dumps({"signature": sig, "finished": time.time()}), done)  # last: marks complete
     return ClassifyResult(trials, results, out, time.perf_counter() - t0)

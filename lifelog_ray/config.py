@@ -101,6 +101,10 @@ class ClassifyConfig(_Section):
     # image: the paper's per-image split (manifest `split`); day: whole days per split (`split_day`), what a
     # model meets on new days; both: the whole selection once per protocol, side by side in the report.
     protocol: Literal["image", "day", "both"] = "image"
+    # Smoothing of the class probabilities along each day's time-ordered images, chosen on validation and
+    # reported beside the per-image figures: a centred window, an HMM (Viterbi) with a switch penalty, or none.
+    temporal: Literal["none", "window", "hmm"] = "window"
+    temporal_max_gap_s: float = Field(300.0, ge=0)  # images further apart in time are not neighbours
 
     @property
     def protocols(self) -> list[str]:

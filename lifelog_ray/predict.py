@@ -17,11 +17,13 @@ import pandas as pd
 
 from . import storage
 from .backbones import BackboneSpec, FeatureExtractor, resolve_weights
+from .classify.persist import pipeline_dir
 from .config import StudyConfig
 from .errors import LifelogError
 from .images import decoded_images
 from .ingest import day_of, derive_image_id, scan_images, timestamp_from_exif, timestamp_from_name
 from .results import best_row, of_protocol
+from .temporal import Smoother, sequences
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +151,45 @@ def _label(batch: dict[str, np.ndarray], probs: np.ndarray, classes: list[str]) 
     return out
 
 
+def pipeline_smoother(study: Path, choice: Choice) -> Smoother | None:
+    """The smoother chosen on validation when the pipeline was fitted (its pipeline.json); none for a
+    fine-tuned model, for which no smoother is chosen yet."""
+    if choice.approach != 1:
+        return None
+    layer, clf = choice.variant.split("/")
+    meta = json.loads((pipeline_dir(study / "classify", choice.model, layer, clf) / "pipeline.json").read_text("utf-8"))
+    return Smoother.parse(meta["smoothing"]) if meta.get("smoothing") else None
+
+
+def smooth_days(out: Path, smoother: Smoother | None, max_gap_s: float) -> None:
+    """Add `smoothed_label` and `smoothed_confidence` to each day's predictions: the class probabilities
+    smoothed along that day's time-ordered images (a day is one partition, so it is read whole)."""
+    for part in sorted(p for p in out.iterdir() if p.name.startswith("day=")):
+        df = storage.read_parquet(part)
+        classes = [c[len("prob__"):] for c in df.columns if c.startswith("prob__")]
+        ok = (df["error"] == "").to_numpy()
+        probs = df[[f"prob__{c}" for c in classes]].to_numpy(dtype=np.float64)[ok]
+        labels = np.full(len(df), None, dtype=object)
+        conf = np.full(len(df), np.nan, dtype=np.float32)
+        if ok.any():
+            smoothed = probs
+            if smoother is not None:
+                seqs = sequences(np.full(int(ok.sum()), part.name), df["timestamp"].to_numpy()[ok], max_gap_s)
+                smoothed = smoother.apply(probs, seqs)
+            best = np.argmax(smoothed, axis=1)
+            labels[ok] = np.asarray(classes, dtype=object)[best]
+            # an HMM decodes labels, not probabilities: its confidence is the image's own for that label
+            conf[ok] = (probs if smoother is not None and smoother.method == "hmm" else smoothed)[np.arange(len(best)), best]
+        at = df.columns.get_loc("confidence") + 1
+        df.insert(at, "smoothed_label", labels)
+        df.insert(at + 1, "smoothed_confidence", conf)
+        old = list(storage.files(part, (".parquet",)))
+        storage.write_df_atomic(df, part / "smoothed-0.parquet")
+        for f in old:
+            if f.name != "smoothed-0.parquet":
+                storage.unlink(f)
+
+
 def run_predict(cfg: StudyConfig, images: str, which: str = "auto", name: str | None = None) -> tuple[Path, int, int]:
     import ray
 
@@ -190,7 +231,10 @@ def run_predict(cfg: StudyConfig, images: str, which: str = "auto", name: str | 
     storage.rmtree(out)  # the output is a function of the input: a rerun replaces it
     fs, path = storage.arrow_filesystem(out)
     ds.write_parquet(path if fs is not None else str(Path(path).resolve()), filesystem=fs, partition_cols=["day"])
-    storage.write_text_atomic(json.dumps(choice.__dict__, default=float, indent=1), out / "_pipeline.json")
+    smoother = pipeline_smoother(study, choice)
+    smooth_days(out, smoother, cfg.classify.temporal_max_gap_s)
+    storage.write_text_atomic(json.dumps({**choice.__dict__, "smoothing": smoother.describe() if smoother else ""},
+                                         default=float, indent=1), out / "_pipeline.json")
     n = len(rows)
     log.info("predicted %d images in %.1fs with %s", n, time.perf_counter() - t0, choice)
     return out, n, int(time.perf_counter() - t0)

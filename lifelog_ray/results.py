@@ -19,11 +19,13 @@ RANK_BY = ["accuracy", "f1_macro"]
 DEFAULT_PROTOCOL = "image"  # the paper's per-image split: Table 3 and every "best pipeline" use it by default
 
 
-def of_protocol(results: pd.DataFrame, protocol: str = DEFAULT_PROTOCOL) -> pd.DataFrame:
-    """The rows of one evaluation protocol (results written before protocols existed are per-image)."""
-    if "protocol" not in results:
-        return results if protocol == DEFAULT_PROTOCOL else results.iloc[0:0]
-    return results[results["protocol"] == protocol]
+def of_protocol(results: pd.DataFrame, protocol: str = DEFAULT_PROTOCOL, temporal: str = "none") -> pd.DataFrame:
+    """The rows of one evaluation protocol, per image (temporal none) or smoothed. Results written before
+    these columns existed are per-image split, unsmoothed."""
+    keep = pd.Series(True, index=results.index)
+    for col, value, default in (("protocol", protocol, DEFAULT_PROTOCOL), ("temporal", temporal, "none")):
+        keep &= results[col] == value if col in results else pd.Series(value == default, index=results.index)
+    return results[keep]
 
 
 def ranked(results: pd.DataFrame) -> pd.DataFrame:

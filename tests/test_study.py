@@ -75,6 +75,9 @@ def test_predict_labels_a_new_day_partitioned_by_day(study, tmp_path):
     assert df["image_id"].is_unique
     ok = df[df["error"] == ""]
     assert len(ok) == 12 and ok["predicted_label"].notna().all()
+    assert ok["smoothed_label"].notna().all() and ok["smoothed_confidence"].between(0, 1).all()
+    assert df.loc[df["error"] != "", "smoothed_label"].isna().all()
+    assert list(df.columns[df.columns.get_loc("confidence"):][:3]) == ["confidence", "smoothed_label", "smoothed_confidence"]
     probs = ok[[c for c in df.columns if c.startswith("prob__")]]
     assert ((probs.sum(axis=1) - 1).abs() < 1e-3).all()
     assert set(df["error"]) - {""} <= {"empty_file", "truncated", "not_an_image"}

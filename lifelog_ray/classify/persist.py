@@ -39,7 +39,7 @@ def pipeline_dir(out: Path, model: str, layer: str, classifier: str, protocol: s
 
 
 def save_pipeline(out: Path, fs: FeatureSet, spec: ClassifierSpec, params: dict, fitted: dict,
-                  protocol: str = "image") -> Path:
+                  protocol: str = "image", smoothing: str = "") -> Path:
     d = pipeline_dir(out, fs.model, fs.layer, spec.name, protocol)
     files = {}
     if fs.pca is not None:
@@ -51,7 +51,7 @@ def save_pipeline(out: Path, fs: FeatureSet, spec: ClassifierSpec, params: dict,
     name = "model.ubj" if fitted["format"].startswith("xgboost") else "model.skops"
     storage.write_bytes_atomic(fitted["blob"], d / name)
     files[name] = hashlib.sha256(fitted["blob"]).hexdigest()
-    meta = {"protocol": protocol, "model": fs.model, "layer": fs.layer, "classifier": spec.name,
+    meta = {"protocol": protocol, "smoothing": smoothing, "model": fs.model, "layer": fs.layer, "classifier": spec.name,
             "estimator": spec.estimator,
             "params": params, "fixed": spec.fixed, "classes": fs.classes, "feature_width": fs.width,
             "pca_components": fs.n_components if fs.pca is not None else None, "format": fitted["format"],

@@ -16,8 +16,9 @@ import pandas as pd
 from .. import storage
 from ..config import StudyConfig, write_resolved
 from ..errors import LifelogError
-from ..metrics import METRIC_COLUMNS, TABLE_METRICS, full_report
+from ..metrics import METRIC_COLUMNS, TABLE_METRICS, full_report, scores
 from ..results import DEFAULT_PROTOCOL, best_row, of_protocol
+from ..temporal import Smoother, choose, class_scores, sequences
 from .data import FeatureSet, discover, load_feature_set
 from .estimators import ClassifierSpec, load_search_space, params_json
 from .persist import save_pipeline, serialize
@@ -69,18 +70,55 @@ def refit_and_test(fs: FeatureSet, spec: ClassifierSpec, params: dict, refit_on:
     X, y = _refit_data(fs, refit_on)
     t0 = time.perf_counter()
     if distributed:
-        from .xgb_dist import fit_distributed, predict_booster
+        from .xgb_dist import booster_proba, fit_distributed, predict_booster
 
         booster = fit_distributed(X, y, params, len(fs.classes), workers, seed, spec.fixed)
         pred = predict_booster(booster, fs.X["test"])
+        proba = {s: booster_proba(booster, fs.X[s]) for s in ("val", "test")}
         blob, fmt = bytes(booster.save_raw("ubj")), "xgboost-booster-ubj"
     else:
         est = spec.build(params, seed=seed, n_jobs=n_jobs)
         est.fit(X, y)
         pred = np.asarray(est.predict(fs.X["test"]))
+        proba = {s: class_scores(est, fs.X[s], len(fs.classes)) for s in ("val", "test")}  # for temporal smoothing
         blob, fmt = serialize(est, _is_xgboost(spec))
     report = full_report(fs.y["test"], pred, fs.classes)
-    return {"report": report, "pred": pred, "blob": blob, "format": fmt, "fit_s": time.perf_counter() - t0}
+    return {"report": report, "pred": pred, "proba": proba, "blob": blob, "format": fmt,
+            "fit_s": time.perf_counter() - t0}
+
+
+def smooth_test(fs: FeatureSet, fitted: dict, method: str, seqs: dict[str, list[np.ndarray]] | None,
+                select_metric: str) -> tuple[Smoother | None, np.ndarray]:
+    """The smoother chosen on validation (by the selection metric), and the test labels it gives. Each split
+    is smoothed alone: a test image's neighbours are test images, so no training label leaks in."""
+    if seqs is None or method == "none":
+        return None, fitted["pred"]
+    smoother = choose(method, fitted["proba"]["val"], fs.y["val"], seqs["val"],
+                      lambda y, p: scores(y, p)[select_metric])
+    if smoother is None:
+        return None, fitted["pred"]
+    return smoother, np.argmax(smoother.apply(fitted["proba"]["test"], seqs["test"]), axis=1)
+
+
+def split_sequences(fs: FeatureSet, times: pd.DataFrame | None, max_gap_s: float) -> dict[str, list[np.ndarray]] | None:
+    """Per split, the time-ordered sequences of its images (indices into fs.X[split])."""
+    if times is None:
+        return None
+    out = {}
+    for s in ("val", "test"):
+        t = times.reindex(fs.ids[s])
+        out[s] = sequences(t["day"].to_numpy(), t["timestamp"].to_numpy(), max_gap_s)
+    return out
+
+
+def manifest_times(study: Path) -> pd.DataFrame | None:
+    """image_id -> (day, timestamp) from the manifest; None (smoothing off, with a warning) without one."""
+    path = study / "manifest.parquet"
+    if not path.exists():
+        log.warning("classify: no manifest.parquet in %s, so no timestamps; temporal smoothing is skipped", study)
+        return None
+    m = storage.read_parquet(path, columns=["image_id", "day", "timestamp"])
+    return m.assign(image_id=m["image_id"].astype(str)).set_index("image_id")
 
 
 def order_layers(layers: list[str]) -> list[str]:
@@ -88,7 +126,8 @@ def order_layers(layers: list[str]) -> list[str]:
     return known + sorted(la for la in layers if la not in known)
 
 
-def table3(results: pd.DataFrame, classifiers: list[str], protocol: str = DEFAULT_PROTOCOL) -> tuple[str, pd.DataFrame]:
+def table3(results: pd.DataFrame, classifiers: list[str], protocol: str = DEFAULT_PROTOCOL,
+           temporal: str = "none") -> tuple[str, pd.DataFrame]:
     """The paper's Table 3: blocks per metric, rows = layers (per model), columns = classifiers, in percent."""
     rows, md = [], []
     models = sorted(results["model"].unique())
@@ -109,6 +148,9 @@ def table3(results: pd.DataFrame, classifiers: list[str], protocol: str = DEFAUL
     header = "# Table 3: Approach 1 (pre-trained features + PCA + classifiers), test split, percent\n"
     if protocol != DEFAULT_PROTOCOL:
         header += f"\nProtocol: {protocol} (whole days per split: test days are days the model never saw).\n"
+    if temporal == "smoothed":
+        header += ("\nTemporally smoothed: each pipeline's class probabilities smoothed along each day's test "
+                   "images, with the smoother chosen on validation (results.parquet, column smoothing).\n")
     return header + "\n".join(md) + "\n", pd.DataFrame(rows)
 
 
@@ -178,7 +220,6 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
     with storage.scratch_dir(out / "tune") as tune_dir:  # Tune's own state: local scratch for a remote study
         records = {r["point"]: r for r in run_search(sets, points, tune_dir, c.cpus_per_trial)}
     for p in dist_points:  # each a Ray Train run: data-parallel XGBoost for feature sets too big for one worker
-        from ..metrics import scores
         from .xgb_dist import fit_distributed, predict_booster
 
         fs, spec = sets[p["set"]], ClassifierSpec(**p["spec"])
@@ -222,38 +263,53 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
                                                          True, c.xgboost_workers)))
         else:
             jobs.append((b, spec, params, remote.remote(sets_ref[key], spec, params, c.refit_on, c.seed, n_jobs)))
+    times = manifest_times(study) if c.temporal != "none" else None
     result_rows, pred_frames = [], []
     for b, spec, params, job in jobs:
         fitted = job if isinstance(job, dict) else ray.get(job)
         protocol = b["protocol"]
         fs = sets[f"{protocol}:{b['model']}/{b['layer']}"]
         rep = fitted["report"]
-        path = save_pipeline(out, fs, spec, params, fitted, protocol)
+        smoother, smoothed = smooth_test(fs, fitted, c.temporal, split_sequences(fs, times, c.temporal_max_gap_s),
+                                         c.select_metric)
+        smoothing = smoother.describe() if smoother else ""
+        path = save_pipeline(out, fs, spec, params, fitted, protocol, smoothing)
         tag = f"{fs.model}__{fs.layer}__{spec.name}{_suffix(protocol)}"
         storage.write_text_atomic(json.dumps(rep, indent=1), out / "reports" / f"{tag}.json")
         cm = pd.DataFrame(rep["confusion"], index=fs.classes, columns=fs.classes)
         storage.write_text_atomic(cm.to_csv(index_label="true\\predicted"), out / "confusion" / f"{tag}.csv")
-        result_rows.append({
-            "protocol": protocol, "model": fs.model, "layer": fs.layer, "classifier": spec.name, "params": params_json(params),
-            **{k: rep[k] for k in METRIC_COLUMNS},
-            f"val_{c.select_metric}": float(b[metric]), "pca_components": fs.n_components if fs.pca is not None else None,
-            "feature_width": fs.width, "n_train": len(fs.y["train"]), "n_test": len(fs.y["test"]),
-            "refit_on": c.refit_on, "distributed": bool(b["distributed"]), "pipeline": str(path),
-        })
-        pred_frames.append(pd.DataFrame({"protocol": protocol, "model": fs.model, "layer": fs.layer, "classifier": spec.name,
-                                         "image_id": fs.ids["test"], "true": [fs.classes[i] for i in fs.y["test"]],
-                                         "pred": [fs.classes[i] for i in fitted["pred"]]}))
+        row = {"protocol": protocol, "model": fs.model, "layer": fs.layer, "classifier": spec.name,
+               "params": params_json(params), f"val_{c.select_metric}": float(b[metric]),
+               "pca_components": fs.n_components if fs.pca is not None else None, "feature_width": fs.width,
+               "n_train": len(fs.y["train"]), "n_test": len(fs.y["test"]), "refit_on": c.refit_on,
+               "distributed": bool(b["distributed"]), "pipeline": str(path)}
+        # One row per image (the paper's figure) and, with smoothing on, one smoothed row beside it.
+        variants = [("none", "", fitted["pred"], rep)]
+        if times is not None:
+            variants.append(("smoothed", smoothing, smoothed, full_report(fs.y["test"], smoothed, fs.classes)))
+        for temporal, smoothing_, pred, report in variants:
+            result_rows.append({**row, "temporal": temporal, "smoothing": smoothing_,
+                                **{k: report[k] for k in METRIC_COLUMNS}})
+            pred_frames.append(pd.DataFrame({
+                "protocol": protocol, "temporal": temporal, "model": fs.model, "layer": fs.layer,
+                "classifier": spec.name, "image_id": fs.ids["test"], "true": [fs.classes[i] for i in fs.y["test"]],
+                "pred": [fs.classes[i] for i in pred]}))
     results = pd.DataFrame(result_rows)
     storage.write_df_atomic(results, out / "results.parquet")
     storage.write_df_atomic(pd.concat(pred_frames, ignore_index=True), out / "predictions.parquet")
-    for protocol in c.protocols:  # table3.md is the paper's (per-image) table; table3__day.md the day protocol's
-        md, csv = table3(of_protocol(results, protocol), [s.name for s in specs], protocol)
-        storage.write_text_atomic(md, out / f"table3{_suffix(protocol)}.md")
-        storage.write_text_atomic(csv.to_csv(index=False), out / f"table3{_suffix(protocol)}.csv")
-    if "day" not in c.protocols:
-        for name in ("table3__day.md", "table3__day.csv"):  # a day table from an earlier run no longer holds
-            if (out / name).exists():
-                storage.unlink(out / name)
+    # table3.md is the paper's table (per image, per-image split); beside it the day protocol's
+    # (table3__day) and the smoothed companions (table3__smoothed, table3__day__smoothed).
+    written = set()
+    for protocol in c.protocols:
+        for temporal in ("none", "smoothed") if times is not None else ("none",):
+            name = f"table3{_suffix(protocol)}{'__smoothed' if temporal == 'smoothed' else ''}"
+            md, csv = table3(of_protocol(results, protocol, temporal), [s.name for s in specs], protocol, temporal)
+            storage.write_text_atomic(md, out / f"{name}.md")
+            storage.write_text_atomic(csv.to_csv(index=False), out / f"{name}.csv")
+            written.add(name)
+    for stale in storage.files(out, (".md", ".csv")) if out.exists() else []:
+        if stale.parent == out and stale.stem.startswith("table3") and stale.stem not in written:
+            storage.unlink(stale)  # a table from an earlier run with other protocols or smoothing
     write_resolved(cfg, out)
     storage.write_text_atomic(json.dumps({"signature": sig, "finished": time.time()}), done)  # last: marks complete
     return ClassifyResult(trials, results, out, time.perf_counter() - t0)

@@ -60,6 +60,14 @@ def fit_distributed(X: np.ndarray, y: np.ndarray, params: dict[str, Any], n_clas
     return booster
 
 
+def booster_proba(booster, X: np.ndarray) -> np.ndarray:
+    """Class probabilities (softprob) of a multi-class booster; a binary one gives one column."""
+    import xgboost
+
+    prob = np.asarray(booster.predict(xgboost.DMatrix(X.astype(np.float32))), dtype=np.float64)
+    return prob if prob.ndim == 2 else np.column_stack([1 - prob, prob])
+
+
 def predict_booster(booster, X: np.ndarray) -> np.ndarray:
     import xgboost
 

@@ -190,6 +190,23 @@ def smooth_days(out: Path, smoother: Smoother | None, max_gap_s: float) -> None:
                 storage.unlink(f)
 
 
+def write_timelines(out: Path, options: dict | None, smoothing: str) -> None:
+    """One PNG per labelled day, `_timelines/<YYYY-MM-DD>.png` (outside the Parquet partitions): the
+    per-image and the smoothed labels along the day, with a few thumbnails."""
+    from .timeline import day_timeline_png, thumbnails_of
+
+    for part in sorted(p for p in out.iterdir() if p.name.startswith("day=")):
+        df = storage.read_parquet(part)
+        ok = df[df["error"] == ""]
+        if ok.empty:
+            continue
+        classes = sorted(c[len("prob__"):] for c in df.columns if c.startswith("prob__"))
+        day = part.name.split("=", 1)[1]
+        png = day_timeline_png(ok, [("per image", "predicted_label"), ("smoothed", "smoothed_label")], classes,
+                               f"{day}: predicted activities ({smoothing})", thumbnails_of(ok, options=options))
+        storage.write_bytes_atomic(png, out / "_timelines" / f"{day}.png")
+
+
 def run_predict(cfg: StudyConfig, images: str, which: str = "auto", name: str | None = None) -> tuple[Path, int, int]:
     import ray
 
@@ -233,6 +250,7 @@ def run_predict(cfg: StudyConfig, images: str, which: str = "auto", name: str | 
     ds.write_parquet(path if fs is not None else str(Path(path).resolve()), filesystem=fs, partition_cols=["day"])
     smoother = pipeline_smoother(study, choice)
     smooth_days(out, smoother, cfg.classify.temporal_max_gap_s)
+    write_timelines(out, cfg.storage.options, smoother.describe() if smoother else "no smoother")
     storage.write_text_atomic(json.dumps({**choice.__dict__, "smoothing": smoother.describe() if smoother else ""},
                                          default=float, indent=1), out / "_pipeline.json")
     n = len(rows)

@@ -118,6 +118,47 @@ def _smoothing_section(results: pd.DataFrame) -> list[str]:
             "validation, or none.</p>", table(t.reset_index())]
 
 
+def _timeline_section(results: pd.DataFrame, preds: pd.DataFrame, manifest: pd.DataFrame,
+                      options: storage.Options | None, days: int = 3) -> list[str]:
+    """A few test days as strips: the true activity, the best pipeline's per-image and smoothed labels.
+    Under the day protocol (when it ran) a test day is whole; under the per-image one it is sparse."""
+    from .timeline import day_timeline_png, thumbnails_of
+
+    protocol = "day" if "protocol" in results and "day" in set(results["protocol"]) else "image"
+    rows = of_protocol(results, protocol)
+    if rows.empty:
+        return []
+    b = best_row(rows)
+    mine = preds[(preds["model"] == b["model"]) & (preds["layer"] == b["layer"]) & (preds["classifier"] == b["classifier"])]
+    if "protocol" in mine:
+        mine = mine[mine["protocol"] == protocol]
+    per_image = mine[mine["temporal"] == "none"] if "temporal" in mine else mine
+    smoothed = (mine[mine["temporal"] == "smoothed"] if "temporal" in mine else per_image)
+    t = (per_image[["image_id", "true", "pred"]]
+         .merge(smoothed[["image_id", "pred"]].rename(columns={"pred": "smoothed"}), on="image_id", how="left")
+         .merge(manifest[["image_id", "day", "timestamp", "path"]].astype({"image_id": str}), on="image_id"))
+    if t.empty:
+        return []
+    classes = sorted(set(t["true"]) | set(t["pred"]))
+    smoothing = b.get("smoothing", "") if "smoothing" in b else ""
+    smoothing_row = of_protocol(results, protocol, "smoothed")
+    if len(smoothing_row):
+        hit = smoothing_row[(smoothing_row["model"] == b["model"]) & (smoothing_row["layer"] == b["layer"])
+                            & (smoothing_row["classifier"] == b["classifier"])]
+        smoothing = str(hit["smoothing"].iloc[0]) if len(hit) else ""
+    out = [f"<h2 id='timelines'>Test days as timelines ({escape(protocol)} protocol)</h2>",
+           f"<p class='note'>{escape(b['model'])} / {escape(b['layer'])} / {escape(b['classifier'])}; smoothed with "
+           f"{escape(smoothing or 'no smoother (none beat per-image labels on validation)')}. Each image is a bar "
+           "until the next one; colours are categories.</p>"]
+    busiest = t["day"].value_counts().sort_index().sort_values(ascending=False, kind="stable").index[:days]
+    for day in sorted(busiest):
+        d = t[t["day"] == day]
+        png = day_timeline_png(d, [("true", "true"), ("per image", "pred"), ("smoothed", "smoothed")], classes,
+                               f"{day}: {len(d)} test images", thumbnails_of(d, options=options))
+        out.append(f"<div class='timeline'><img alt='timeline {escape(str(day))}' src='{png_uri(png)}'></div>")
+    return out
+
+
 def build_report(study: str | Path, gallery_size: int = 24, options: storage.Options | None = None) -> Path:
     """``options``: storage options for URIs (the study's own config supplies them when not given)."""
     study = storage.to_path(study, options)
@@ -202,6 +243,8 @@ def build_report(study: str | Path, gallery_size: int = 24, options: storage.Opt
                           else "<p class='note'>No pipeline misclassified a test image.</p>"))
 
         parts += _protocol_section(all_res) + _smoothing_section(all_res)
+        if (cls_dir / "predictions.parquet").exists():
+            parts += _timeline_section(all_res, storage.read_parquet(cls_dir / "predictions.parquet"), manifest, options)
 
     # Approach 2.
     ft_dir = study / "finetune"

@@ -87,6 +87,7 @@ def test_defaults_stay_on_the_papers_protocol_and_the_report_shows_the_gap(both)
     assert (choice.layer, choice.classifier) in set(zip(image["layer"], image["classifier"]))
     html = build_report(cfg.study_dir).read_text()
     assert "Per-image split vs day split" in html and "accuracy gap" in html and "near-copy" in html
+    assert "Test days as timelines (day protocol)" in html and html.count("alt='timeline ") >= 1
 
 
 def test_finetune_trains_and_tests_on_the_day_split(both):

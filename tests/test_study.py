@@ -34,7 +34,7 @@ def test_report_is_self_contained_with_tables_and_images(study):
     cfg, _ = study
     html = (cfg.study_dir / "report" / "index.html").read_text()
     for anchor in ("id='dataset'", "id='table3'", "id='table4'", "id='best'", "id='curves'", "id='misclassified'",
-                   "id='vgg16-vs-vgg19'", "id='config'"):
+                   "id='vgg16-vs-vgg19'", "id='config'", "id='timelines'", "id='smoothing'"):
         assert anchor in html, anchor
     assert "weights: none" in html and "randomly initialised" in html
     srcs = re.findall(r"src='([^']*)'", html)
@@ -82,5 +82,10 @@ def test_predict_labels_a_new_day_partitioned_by_day(study, tmp_path):
     assert ((probs.sum(axis=1) - 1).abs() < 1e-3).all()
     assert set(df["error"]) - {""} <= {"empty_file", "truncated", "not_an_image"}
     assert sorted(p.name for p in out.glob("day=*")) == ["day=2016-08-15", "day=2016-08-16"]
+    from PIL import Image
+
+    for day in ("2016-08-15", "2016-08-16"):  # a timeline per day, outside the Parquet partitions
+        with Image.open(out / "_timelines" / f"{day}.png") as im:
+            assert im.size[0] > 600 and len(im.getcolors(1 << 16) or []) > 10
     out2, _, _ = run_predict(cfg, str(new), "approach2", "new-ft")  # the fine-tuned model too
     assert pd.read_parquet(out2)["predicted_label"].notna().sum() == 12

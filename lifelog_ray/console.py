@@ -195,10 +195,13 @@ class Console:
 
     @staticmethod
     def _upload(local: Path, dest: Any) -> None:
-        if Path(dest) == local:
+        """A study on S3/GCS gets its stage's log at the end of the stage (a local one was written in place)."""
+        if not storage.is_remote(dest):
             return
-        with contextlib.suppress(Exception):
+        try:
             storage.write_bytes_atomic(local.read_bytes(), dest)
+        except Exception as e:  # noqa: BLE001 - losing a log must not fail the stage (nor add to a storage error)
+            logging.getLogger(__name__).info("could not upload the stage log to %s (%s); it is at %s", dest, e, local)
 
     # --- progress ------------------------------------------------------------------------------------
 

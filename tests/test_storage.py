@@ -150,6 +150,8 @@ def test_cli_reads_a_lifelog_on_s3_with_storage_options_from_set(s3, sample_life
     assert main([*argv, *[a for s in sets for a in ("--set", s)]]) == 0
     assert re.search(r"input rows: \d+ = manifest \d+ \+ rejects", capsys.readouterr().out)
     assert fs.exists("lifelog/cli/study/manifest.parquet")
+    (log,) = fs.glob("lifelog/cli/study/logs/manifest-*.log")  # the stage's log, uploaded at its end
+    assert "INFO lifelog_ray.ingest" in fs.cat(log).decode()
     assert main([*argv, "--set", "storage.options.s3.endpoint_url=http://127.0.0.1:9"]) == 2  # nothing listens
     assert "error: cannot use the storage location" in capsys.readouterr().err
 

@@ -25,6 +25,12 @@ SIZE = 32  # the smallest input VGG accepts: keeps the tests fast on 2 cores
 LAYERS = ["flatten", "fc1", "fc2", "predictions"]
 
 
+def frame_name(day: str, second_of_day: int) -> str:
+    """A wearable camera's file name for a frame taken at ``second_of_day`` (LSC layout: DAY/YYYYMMDD_HHMMSS_000)."""
+    h, m, sec = second_of_day // 3600, second_of_day // 60 % 60, second_of_day % 60
+    return f"{day}/{day.replace('-', '')}_{h:02d}{m:02d}{sec:02d}_000.png"
+
+
 def make_study(tmp: Path, n_per_class: int = 6, day: str = "2016-08-15", root: Path | None = None, rows=None):
     root = root or tmp / "lifelog"
     rows = rows if rows is not None else []
@@ -33,7 +39,7 @@ def make_study(tmp: Path, n_per_class: int = 6, day: str = "2016-08-15", root: P
     for label, color in colors.items():
         for _ in range(n_per_class):
             sec += 30
-            rel = f"{day}/{day.replace('-', '')}_{8 + sec // 3600:02d}{(sec // 60) % 60:02d}{sec % 60:02d}_000.png"
+            rel = frame_name(day, 8 * 3600 + sec)
             write_image(root / rel, color)
             rows.append((rel, label))
     pd.DataFrame(rows, columns=["image_path", "label"]).to_csv(tmp / "labels.csv", index=False)

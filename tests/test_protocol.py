@@ -16,7 +16,7 @@ from lifelog_ray.extract import run_extract
 from lifelog_ray.ingest import build_manifest
 from lifelog_ray.report import build_report
 from lifelog_ray.results import best_approach1
-from tests.helpers import ROOT, write_image
+from tests.helpers import ROOT, frame_name, write_image
 
 ACTIVITIES = ("walking", "car", "eating food")
 
@@ -33,7 +33,7 @@ def sequence_lifelog(root, days: int = 6, run: int = 8, seed: int = 0) -> None:
             scene = tuple(int(v) for v in rng.integers(20, 235, 3))
             for _ in range(run):
                 sec += 30
-                rel = f"{day}/{day.replace('-', '')}_{sec // 3600:02d}{sec // 60 % 60:02d}{sec % 60:02d}_000.png"
+                rel = frame_name(day, sec)
                 write_image(root / rel, scene)
                 rows.append((rel, activity))
     pd.DataFrame(rows, columns=["image_path", "label"]).to_csv(root / "labels.csv", index=False)
@@ -123,7 +123,7 @@ def flickering_lifelog(root, days: int = 6, run: int = 10, jitter: float = 70.0,
                 for _ in range(run):
                     sec += 30
                     color = tuple(int(v) for v in np.clip(np.array(CANON[activity]) + rng.normal(0, jitter, 3), 0, 255))
-                    rel = f"{day}/{day.replace('-', '')}_{sec // 3600:02d}{sec // 60 % 60:02d}{sec % 60:02d}_000.png"
+                    rel = frame_name(day, sec)
                     write_image(root / rel, color)
                     rows.append((rel, activity))
     pd.DataFrame(rows, columns=["image_path", "label"]).to_csv(root / "labels.csv", index=False)

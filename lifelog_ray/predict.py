@@ -161,11 +161,16 @@ def pipeline_smoother(study: Path, choice: Choice) -> Smoother | None:
     return Smoother.parse(meta["smoothing"]) if meta.get("smoothing") else None
 
 
+def read_partition(part: Path) -> pd.DataFrame:
+    """One day's predictions (a partition folder), read file by file: on S3/GCS a folder is a prefix."""
+    return pd.concat([storage.read_parquet(f) for f in storage.files(part, (".parquet",))], ignore_index=True)
+
+
 def smooth_days(out: Path, smoother: Smoother | None, max_gap_s: float) -> None:
     """Add `smoothed_label` and `smoothed_confidence` to each day's predictions: the class probabilities
     smoothed along that day's time-ordered images (a day is one partition, so it is read whole)."""
     for part in sorted(p for p in out.iterdir() if p.name.startswith("day=")):
-        df = storage.read_parquet(part)
+        df = read_partition(part)
         classes = [c[len("prob__"):] for c in df.columns if c.startswith("prob__")]
         ok = (df["error"] == "").to_numpy()
         probs = df[[f"prob__{c}" for c in classes]].to_numpy(dtype=np.float64)[ok]
@@ -196,7 +201,7 @@ def write_timelines(out: Path, options: dict | None, smoothing: str) -> None:
     from .timeline import day_timeline_png, thumbnails_of
 
     for part in sorted(p for p in out.iterdir() if p.name.startswith("day=")):
-        df = storage.read_parquet(part)
+        df = read_partition(part)
         ok = df[df["error"] == ""]
         if ok.empty:
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def write_image(path: Path, color: tuple[int, int, int] = (120, 60, 30), size: tuple[int, int] = (48, 40)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(abs(hash(str(path))) % 2**32)
+    # crc32, not hash(): str hashes change with every process (PYTHONHASHSEED), and so would the images
+    rng = np.random.default_rng(zlib.crc32(str(path.name).encode()))
     arr = np.clip(np.array(color)[None, None, :] + rng.normal(0, 10, (size[1], size[0], 3)), 0, 255)
     Image.fromarray(arr.astype(np.uint8)).save(path)
     return path

@@ -175,19 +175,24 @@ def test_resumed_m2_ends_where_an_uninterrupted_run_ends(small_study, ray_local,
     np.testing.assert_allclose(h_b, h_a, rtol=1e-4)
 
 
-@pytest.mark.slow  # three Ray Train runs of 12 epochs (~2.5 min on 2 cores)
+@pytest.mark.slow  # three Ray Train runs of 12 epochs (~3 min on 2 cores)
 def test_each_method_can_overfit_a_small_training_set(tmp_path, ray_local):
     """The standard guard against silent training bugs (labels out of step with images, a frozen head, a
     learning rate never applied): through our real Ray Train loop, each method memorises a small
-    training set, from the random backbone `--weights none` gives (its activations keep their scale)."""
+    training set, from the random backbone `--weights none` gives (its activations keep their scale).
+
+    A random backbone's deep features are nearly collinear (cosine ~0.98 between these classes' means), so
+    learning needs enough steps: 12 images per class, batch 4, Adam 1e-3 (the demo's), M3's default 1024
+    units. In-process over 24 seeds each method first reached 0.9 by epoch 6 at worst; 12 epochs is twice
+    that. (5 images per class and Adam 3e-3 reached it by epoch 11 or never: a coin toss, not a test.)"""
     from tests.helpers import make_study
 
-    root, _ = make_study(tmp_path, n_per_class=8)
+    root, _ = make_study(tmp_path, n_per_class=20)
     cfg = load_config(None, {
         "data.root": str(root), "data.labels": str(tmp_path / "labels.csv"), "output.study": str(tmp_path / "study"),
         "finetune.weights": "none", "finetune.image_size": SIZE, "finetune.batch_size": 4, "finetune.epochs": 12,
-        "finetune.patience": 12, "finetune.optimizer": "adam", "finetune.learning_rate": 3e-3,
-        "finetune.m3_units": 32, "finetune.methods": "m1,m2,m3", "ray.progress_bars": False,
+        "finetune.patience": 12, "finetune.optimizer": "adam", "finetune.learning_rate": 1e-3,
+        "finetune.methods": "m1,m2,m3", "ray.progress_bars": False,
     })
     build_manifest(cfg)
     for run in run_finetune(cfg):

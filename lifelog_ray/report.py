@@ -140,7 +140,7 @@ def _timeline_section(results: pd.DataFrame, preds: pd.DataFrame, manifest: pd.D
     if t.empty:
         return []
     classes = sorted(set(t["true"]) | set(t["pred"]))
-    smoothing = b.get("smoothing", "") if "smoothing" in b else ""
+    smoothing = ""
     smoothing_row = of_protocol(results, protocol, "smoothed")
     if len(smoothing_row):
         hit = smoothing_row[(smoothing_row["model"] == b["model"]) & (smoothing_row["layer"] == b["layer"])

@@ -122,6 +122,9 @@ def test_saved_pipelines_reload_safely(digits_study):
         got = pipe.predict(X_test)
         want = preds[preds["classifier"] == clf]["pred"].tolist()
         assert got == want, clf
+        proba = pipe.predict_proba(X_test)  # scores predict smooths: a distribution, never a one-hot stand-in
+        np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+        assert (proba.max(axis=1) < 0.999).any(), clf
     model_file = study / "classify" / "models" / "digits" / "pixels" / "svm" / "model.skops"
     model_file.write_bytes(model_file.read_bytes() + b"\0")
     with pytest.raises(LifelogError, match="does not match the hash"):

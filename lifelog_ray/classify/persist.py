@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import storage
 from ..errors import LifelogError
+from ..temporal import class_scores
 from .data import FeatureSet
 from .estimators import ClassifierSpec
 
@@ -112,15 +113,9 @@ class SavedPipeline:
             import xgboost
 
             return self.estimator.predict(xgboost.DMatrix(Z))
-        est = self.estimator
-        if hasattr(est, "predict_proba") and getattr(est, "probability", True):
-            try:
-                return est.predict_proba(Z)
-            except AttributeError:
-                pass
-        onehot = np.zeros((len(Z), len(self.meta["classes"])), dtype=np.float32)
-        onehot[np.arange(len(Z)), np.asarray(est.predict(Z), dtype=int)] = 1.0
-        return onehot
+        # The same scores the classify stage chose the smoother on (an SVC without probability=True: the
+        # softmax of its one-vs-rest decision function), so predict smooths what was validated.
+        return class_scores(self.estimator, Z, len(self.meta["classes"])).astype(np.float32)
 
     def predict(self, X: np.ndarray) -> list[str]:
         return [self.meta["classes"][i] for i in np.argmax(self.predict_proba(X), axis=1)]

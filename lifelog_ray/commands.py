@@ -66,8 +66,8 @@ def config_from_args(args: argparse.Namespace, flags: list[Flag]) -> StudyConfig
 def _sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--days", type=int, default=4)
-    p.add_argument("--images-per-day", type=int, default=60)
+    p.add_argument("--days", type=int, default=10)
+    p.add_argument("--images-per-day", type=int, default=36)
     p.add_argument("--image-size", default="320x240", help="WxH of the drawn images")
 
 

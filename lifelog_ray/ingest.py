@@ -243,14 +243,21 @@ def assign_splits(
     return result
 
 
+# A category with no test (or validation) day cannot be scored there: worse than any imbalance (at most 2).
+MISSING_SPLIT_COST = 3.0
+
+
 def assign_day_splits(df: pd.DataFrame, fractions: tuple[float, float, float], seed: int,
                       existing: dict[str, str] | None = None) -> pd.Series:
     """Every image of a day in one split, the days chosen so each category comes as close to the
     fractions as whole days allow. Days in ``existing`` keep their split; images of an unknown day
     keep their per-image split (``df["split"]``).
 
-    Greedy: the new days, largest first (ties in a seeded order), each go to the split that most
-    reduces the total distance of every category's counts from its targets.
+    The cost weighs every category alike (its distance from its targets over its size), plus
+    MISSING_SPLIT_COST for each split a category misses though it has enough days to reach it. Greedy first: the new days,
+    largest first (ties in a seeded order), each to the split that costs least; then single-day moves
+    while one lowers the cost. Without the per-category weights the largest category decided alone,
+    and a common activity on seven days could end up with no validation day at all.
     """
     existing = existing or {}
     known = df[df["day"] != "unknown"]
@@ -258,25 +265,54 @@ def assign_day_splits(df: pd.DataFrame, fractions: tuple[float, float, float], s
     if known.empty:
         return result
     per_day = pd.crosstab(known["day"], known["label"])  # days x categories
+    days_of = (per_day > 0).sum(axis=0).to_numpy()
     totals = per_day.sum(axis=0).to_numpy(dtype=float)
     targets = np.outer(fractions, totals)  # splits x categories
+    reachable = (targets >= 0.5) & (days_of >= len(SPLIT_NAMES))[None, :]
+
+    def cost(counts: np.ndarray) -> float:
+        return float((np.abs(counts - targets) / totals).sum() + MISSING_SPLIT_COST * ((counts == 0) & reachable).sum())
+
     counts = np.zeros_like(targets)
-    split_of: dict[str, str] = {}
+    split_of: dict[str, int] = {}
     for day, row in per_day.iterrows():
         if day in existing:
-            split_of[day] = existing[day]
-            counts[SPLIT_NAMES.index(existing[day])] += row.to_numpy()
+            split_of[day] = SPLIT_NAMES.index(existing[day])
+            counts[split_of[day]] += row.to_numpy()
     new = [d for d in per_day.index if d not in split_of]
     rng = np.random.default_rng([seed, 0x5D4])
     tiebreak = dict(zip(sorted(new), rng.permutation(len(new))))
-    for day in sorted(new, key=lambda d: (-int(per_day.loc[d].sum()), tiebreak[d])):
-        add = per_day.loc[day].to_numpy(dtype=float)
-        gain = [np.abs(counts[s] - targets[s]).sum() - np.abs(counts[s] + add - targets[s]).sum()
-                for s in range(len(SPLIT_NAMES))]
-        best = int(np.argmax(gain))  # the first split wins a tie: train, then val, then test
-        counts[best] += add
-        split_of[day] = SPLIT_NAMES[best]
-    result.loc[known.index] = known["day"].map(split_of)
+    order = sorted(new, key=lambda d: (-int(per_day.loc[d].sum()), tiebreak[d]))
+    rows = {d: per_day.loc[d].to_numpy(dtype=float) for d in order}
+    for day in order:
+        trial = []
+        for s in range(len(SPLIT_NAMES)):
+            counts[s] += rows[day]
+            trial.append(cost(counts))
+            counts[s] -= rows[day]
+        best = int(np.argmin(trial))  # the first split wins a tie: train, then val, then test
+        counts[best] += rows[day]
+        split_of[day] = best
+    for _ in range(10 * len(order)):  # single-day moves, each strictly lowering the cost: this ends
+        current, move = cost(counts), None
+        for day in order:
+            for s in range(len(SPLIT_NAMES)):
+                if s == split_of[day]:
+                    continue
+                counts[split_of[day]] -= rows[day]
+                counts[s] += rows[day]
+                c = cost(counts)
+                counts[s] -= rows[day]
+                counts[split_of[day]] += rows[day]
+                if c < current - 1e-12:
+                    current, move = c, (day, s)
+        if move is None:
+            break
+        day, s = move
+        counts[split_of[day]] -= rows[day]
+        counts[s] += rows[day]
+        split_of[day] = s
+    result.loc[known.index] = known["day"].map({d: SPLIT_NAMES[s] for d, s in split_of.items()})
     return result
 
 

@@ -1,4 +1,11 @@
-"""A deterministic, clearly synthetic lifelog in the LSC layout: drawn scenes per activity, raw labels, flaws."""
+"""A deterministic, clearly synthetic lifelog in the LSC layout: drawn scenes per activity, raw labels, flaws.
+
+It has the time structure of a real lifelog, which the day protocol and temporal smoothing are about: ten
+days of activity runs whose consecutive frames are near-duplicates, each activity's place and light
+differing from day to day, and spoiled frames (a hand over the lens, motion blur, a dark frame) inside
+runs. So the per-image split scores above the day split, and smoothing recovers the spoiled frames. It
+is built to show these effects; real figures come from real lifelogs.
+"""
 
 from __future__ import annotations
 
@@ -190,14 +197,66 @@ ACTIVITIES: dict[str, Activity] = {
 
 
 def draw_scene(activity: str, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    """One drawn view of an activity (the layout and colours come from ``rng``), before the camera's look."""
     w, h = size
     img = Image.new("RGB", size)
     ACTIVITIES[activity].draw(ImageDraw.Draw(img), w, h, rng)
-    # Wearable-camera look: slight blur and sensor noise, varying exposure.
-    img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.2))))
-    arr = np.asarray(img, dtype=np.float32) * float(rng.uniform(0.75, 1.15))
+    return img
+
+
+def camera_frame(scene: Image.Image, cast: np.ndarray, rng: np.random.Generator, bad_frame: float = 0.25) -> Image.Image:
+    """What the wearable camera records of a scene: the wearer sways (a small shift and tilt), exposure and
+    blur vary, the sensor adds noise, and the day's light tints everything (``cast``, per channel). Now
+    and then a frame is spoiled, as real lifelog frames are: a hand in front of the lens, heavy motion
+    blur, or a dark frame. Consecutive frames of one scene are therefore near-duplicates, not copies."""
+    w, h = scene.size
+    img = scene.rotate(float(rng.uniform(-2, 2)), resample=Image.BILINEAR,
+                       translate=(float(rng.uniform(-0.02, 0.02) * w), float(rng.uniform(-0.02, 0.02) * h)),
+                       fillcolor=tuple(int(v) for v in np.asarray(scene)[0, 0]))
+    exposure, blur = float(rng.uniform(0.93, 1.05)), float(rng.uniform(0.3, 1.0))
+    if rng.random() < bad_frame:
+        kind = int(rng.integers(3))
+        if kind == 0:  # the wearer's hand or sleeve covers most of the view
+            d = ImageDraw.Draw(img)
+            x = float(rng.uniform(0.0, 0.5)) * w
+            d.ellipse([x - 0.1 * w, 0.05 * h, x + 0.75 * w, 1.5 * h], fill=_c(rng, (200, 150, 120), 30))
+        elif kind == 1:  # walking or turning: motion blur
+            blur = float(rng.uniform(5, 9))
+        else:  # the camera's auto-exposure lags a change of light
+            exposure = float(rng.uniform(0.2, 0.35))
+    img = img.filter(ImageFilter.GaussianBlur(radius=blur))
+    arr = np.asarray(img, dtype=np.float32) * exposure * cast[None, None, :]
     arr += rng.normal(0, 6, arr.shape)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def worn(scene: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """The scene as the camera sees it where it is clipped today: higher or lower, nearer or farther, tilted.
+    Drawn once per activity and day, so another day of the same activity looks different as a whole."""
+    w, h = scene.size
+    zoom = float(rng.uniform(1.0, 1.25))
+    cw, ch = w / zoom, h / zoom
+    x0, y0 = float(rng.uniform(0, w - cw)), float(rng.uniform(0, h - ch))
+    view = scene.crop((int(x0), int(y0), int(x0 + cw), int(y0 + ch))).resize((w, h), Image.BILINEAR)
+    return view.rotate(float(rng.uniform(-6, 6)), resample=Image.BILINEAR, expand=False,
+                       fillcolor=tuple(int(v) for v in np.asarray(view)[0, 0]))
+
+
+def day_plan(rng: np.random.Generator, images_per_day: int) -> list[tuple[str, int]]:
+    """A day as runs of (activity, number of frames). A day has a handful of activities, each on some
+    days and not others; the common ones take more frames (the paper's long head, thin tail). The ten
+    most common each appear on most days, so a ten-day lifelog splits by day for every one of them."""
+    names = list(ACTIVITIES)
+    weight = np.array([ACTIVITIES[n].weight for n in names])
+    on_day = np.where(np.arange(len(names)) < 10, 0.75, 0.15)  # the chance an activity happens on a given day
+    today = [i for i in range(len(names)) if rng.random() < on_day[i]] or [0]
+    share = np.sqrt(weight[today]) / np.sqrt(weight[today]).sum()
+    runs = []
+    for i, sh in zip(today, share, strict=True):
+        n = max(3, int(round(sh * images_per_day)))
+        parts = 2 if n >= 10 and rng.random() < 0.5 else 1  # e.g. at the desk in the morning and the afternoon
+        runs += [(names[i], n // parts + (k < n % parts)) for k in range(parts)]
+    return [runs[k] for k in rng.permutation(len(runs))]
 
 
 def _exif(ts: datetime) -> bytes:
@@ -212,49 +271,49 @@ def _exif(ts: datetime) -> bytes:
 def write_sample(
     out: str | Path,
     seed: int = 0,
-    days: int = 4,
-    images_per_day: int = 60,
+    days: int = 10,
+    images_per_day: int = 36,
     image_size: tuple[int, int] = (320, 240),
     start: datetime = datetime(2016, 8, 15, 7, 30),
+    bad_frame: float = 0.25,
 ) -> dict[str, int]:
     """Write images under OUT/YYYY-MM-DD/ and OUT/labels.csv; return counts of what was written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    names = list(ACTIVITIES)
-    weights = np.array([ACTIVITIES[n].weight for n in names])
-    weights /= weights.sum()
     rows: list[tuple[str, str]] = []
     stats = {"images": 0, "labelled": 0, "unlisted": 0, "empty_label": 0, "unknown_label": 0, "broken": 0}
     for day in range(days):
         t = start + timedelta(days=day, minutes=int(rng.integers(0, 60)))
         folder = out / t.strftime("%Y-%m-%d")
         folder.mkdir(exist_ok=True)
-        activity = names[int(rng.choice(len(names), p=weights))]
-        for i in range(images_per_day):
-            # Activities come in runs of images (a lifelog is a sequence), switching now and then.
-            if i and rng.random() < 0.25:
-                activity = names[int(rng.choice(len(names), p=weights))]
-            t += timedelta(seconds=int(rng.integers(18, 40)))
-            rel = f"{folder.name}/{t:%Y%m%d_%H%M%S}_000.jpg"
-            img = draw_scene(activity, image_size, rng)
-            img.save(out / rel, quality=88, exif=_exif(t))
-            stats["images"] += 1
-            roll = rng.random()
-            if roll < 0.02:
-                stats["unlisted"] += 1  # on disk, no row in labels.csv
-                continue
-            if roll < 0.04:
-                rows.append((rel, ""))
-                stats["empty_label"] += 1
-                continue
-            if roll < 0.05:
-                rows.append((rel, "staring at the wall"))  # outside the taxonomy
-                stats["unknown_label"] += 1
-                continue
-            raw = ACTIVITIES[activity].raw_labels[int(rng.integers(len(ACTIVITIES[activity].raw_labels)))]
-            rows.append((rel, raw))
-            stats["labelled"] += 1
+        cast = rng.uniform(0.75, 1.25, 3)  # the day's light: daylight, office lamps, a grey morning
+        scenes: dict[str, Image.Image] = {}  # one place per activity and day: the same desk all day
+        for r, (activity, n) in enumerate(day_plan(rng, images_per_day)):
+            if r and rng.random() < 0.2:  # the camera was off for a while
+                t += timedelta(minutes=int(rng.integers(10, 90)))
+            if activity not in scenes:
+                scenes[activity] = worn(draw_scene(activity, image_size, rng), rng)
+            for _ in range(n):
+                t += timedelta(seconds=int(rng.integers(18, 40)))
+                rel = f"{folder.name}/{t:%Y%m%d_%H%M%S}_000.jpg"
+                camera_frame(scenes[activity], cast, rng, bad_frame).save(out / rel, quality=88, exif=_exif(t))
+                stats["images"] += 1
+                roll = rng.random()
+                if roll < 0.02:
+                    stats["unlisted"] += 1  # on disk, no row in labels.csv
+                    continue
+                if roll < 0.04:
+                    rows.append((rel, ""))
+                    stats["empty_label"] += 1
+                    continue
+                if roll < 0.05:
+                    rows.append((rel, "staring at the wall"))  # outside the taxonomy
+                    stats["unknown_label"] += 1
+                    continue
+                raw = ACTIVITIES[activity].raw_labels[int(rng.integers(len(ACTIVITIES[activity].raw_labels)))]
+                rows.append((rel, raw))
+                stats["labelled"] += 1
     # A few broken files, labelled like any other: ingest keeps them, extraction must reject them.
     first = out / f"{start:%Y-%m-%d}"
     broken = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from helpers import write_image
@@ -333,3 +334,29 @@ def test_a_category_on_too_few_days_is_a_warning_not_a_drop(tmp_path, caplog):
         res = build_manifest(_sample_study(tmp_path, days=2))
     assert "cannot reach all three splits under split_day" in caplog.text
     assert res.categories["total"].sum() == len(res.manifest)  # nothing dropped
+
+
+def test_the_bundled_sample_is_a_sequence_that_splits_by_day(tmp_path):
+    """What `make demo` shows rests on this: about ten days, every category on all three day splits,
+    and consecutive frames of an activity near-duplicates, while the same activity on another day
+    looks different (another desk, another light)."""
+    from PIL import Image
+
+    from lifelog_ray.sample import write_sample
+
+    root = tmp_path / "lifelog"
+    write_sample(root, seed=0, image_size=(96, 72))  # the demo's days and frames per day, smaller images
+    res = build_manifest(cfg_for(tmp_path / "study", root=str(root), labels=str(root / "labels.csv"), top_k=10))
+    man = res.manifest
+    assert man["day"].nunique() == 10 and len(res.categories) == 10
+    assert (res.categories[["train_day", "val_day", "test_day"]] > 0).all().all(), res.categories
+    man = man[~man["rel_path"].str.contains("_2359")].sort_values("timestamp")  # not the three broken files
+    pix = {i: np.asarray(Image.open(p), dtype=np.float32) for i, p in zip(man["image_id"], man["path"], strict=True)}
+    same_run, other_day = [], []
+    for (_, a), (_, b) in zip(man.iloc[:-1].iterrows(), man.iloc[1:].iterrows(), strict=True):
+        if a["label"] == b["label"] and a["day"] == b["day"]:
+            same_run.append(np.abs(pix[a["image_id"]] - pix[b["image_id"]]).mean())
+    for _, g in man.groupby("label"):
+        firsts = g.groupby("day").head(1)["image_id"].tolist()
+        other_day += [np.abs(pix[x] - pix[y]).mean() for x, y in zip(firsts[:-1], firsts[1:], strict=True)]
+    assert np.median(same_run) * 2 < np.median(other_day), (np.median(same_run), np.median(other_day))

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .. import storage
-from ..config import StudyConfig, write_resolved
+from ..config import SPLIT_NAMES, StudyConfig, write_resolved
 from ..errors import LifelogError
 from ..metrics import METRIC_COLUMNS, TABLE_METRICS, full_report, scores
 from ..results import DEFAULT_PROTOCOL, best_row, of_protocol
@@ -44,7 +44,20 @@ class ClassifyResult:
         best = best_row(shown if len(shown) else self.results)
         return (("classify (results current, skipped): " if self.skipped else "classify: ") + f"{len(self.trials)} trials ({ok} ok, {len(self.trials) - ok} failed) in "
                 f"{self.seconds:.0f}s; best test accuracy {100 * best['accuracy']:.2f}% "
-                f"({best['model']}/{best['layer']} + {best['classifier']}) -> {self.output}")
+                f"({best['model']}/{best['layer']} + {best['classifier']}){self._day_part()} -> {self.output}")
+
+    def _day_part(self) -> str:
+        """With the day protocol too: its best per-image and best smoothed test accuracy."""
+        day = of_protocol(self.results, "day")
+        if day.empty:
+            return ""
+        b = best_row(day)
+        part = f"; day split {100 * b['accuracy']:.2f}% ({b['layer']} + {b['classifier']})"
+        smoothed = of_protocol(self.results, "day", "smoothed")
+        if len(smoothed):
+            s = best_row(smoothed)
+            part += f", smoothed {100 * s['accuracy']:.2f}% ({s['layer']} + {s['classifier']}, {s['smoothing'] or 'none'})"
+        return part
 
 
 def _is_xgboost(spec: ClassifierSpec) -> bool:
@@ -176,6 +189,24 @@ def day_splits(study: Path) -> dict[str, str]:
     return dict(zip(manifest["image_id"].astype(str), manifest["split_day"].astype(str)))
 
 
+def usable_protocols(study: Path, protocols: list[str]) -> tuple[list[str], dict[str, str] | None]:
+    """The protocols that can run, and the day splits when the day protocol is one of them. A lifelog of
+    too few days leaves a day split empty: with `both` the day protocol is skipped with a warning, asked
+    for alone it is a one-line error."""
+    if "day" not in protocols:
+        return list(protocols), None
+    days = day_splits(study)
+    missing = [s for s in SPLIT_NAMES if s not in set(days.values())]
+    if not missing:
+        return list(protocols), days
+    msg = (f"the day protocol needs whole days in train, val and test, and this lifelog's days leave "
+           f"{' and '.join(missing)} empty (it needs at least 3 days; `lifelog-ray sample` writes 10)")
+    if protocols == ["day"]:
+        raise LifelogError(f"{msg}; use --protocol image")
+    log.warning("classify: %s; only the per-image protocol runs", msg)
+    return [p for p in protocols if p != "day"], None
+
+
 def _suffix(protocol: str) -> str:
     """File-name suffix of a protocol's outputs: none for the paper's, so their paths do not change."""
     return "" if protocol == DEFAULT_PROTOCOL else f"__{protocol}"
@@ -193,7 +224,7 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
     t0 = time.perf_counter()
     pairs = discover(study, c.models, c.layers)
     specs = load_search_space(c.search_space, c.classifiers)
-    days = day_splits(study) if "day" in c.protocols else None
+    protocols, days = usable_protocols(study, c.protocols)
     sig = _signature(study, pairs, cfg, specs, days)
     done = out / "_done.json"
     if not force and done.exists() and json.loads(done.read_text("utf-8")).get("signature") == sig:
@@ -204,7 +235,7 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
     # One feature set per protocol and (model, layer): PCA is fitted on that protocol's train split.
     sets = {f"{proto}:{m}/{la}": load_feature_set(study, m, la, pca, c.pca_solver, c.seed,
                                                    splits=days if proto == "day" else None)
-            for proto in c.protocols for m, la in pairs}
+            for proto in protocols for m, la in pairs}
     n_jobs = max(1, int(c.cpus_per_trial))
     points, dist_points = [], []
     for key, fs in sets.items():
@@ -300,7 +331,7 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
     # table3.md is the paper's table (per image, per-image split); beside it the day protocol's
     # (table3__day) and the smoothed companions (table3__smoothed, table3__day__smoothed).
     written = set()
-    for protocol in c.protocols:
+    for protocol in protocols:
         for temporal in ("none", "smoothed") if times is not None else ("none",):
             name = f"table3{_suffix(protocol)}{'__smoothed' if temporal == 'smoothed' else ''}"
             md, csv = table3(of_protocol(results, protocol, temporal), [s.name for s in specs], protocol, temporal)

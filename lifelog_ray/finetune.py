@@ -31,12 +31,14 @@ from .backbones import BackboneSpec, application, build_base, legacy_keras_modul
 from .config import SPLIT_NAMES, FinetuneConfig, StudyConfig, write_resolved
 from .errors import LifelogError
 from .images import decoded_images
-from .metrics import METRIC_COLUMNS, TABLE_METRICS, full_report
+from .metrics import METRIC_COLUMNS, TABLE_METRICS, full_report, scores
+from .temporal import Smoother, choose, sequences
 
 log = logging.getLogger(__name__)
 
 HEAD = "predictions_lifelog"
-FAULT_ENV = "LIFELOG_RAY_FAULT_AFTER_EPOCH"  # test hook: a worker raises after this epoch's checkpoint
+FAULT_ENV = "LIFELOG_RAY_FAULT_AFTER_EPOCH"
+WHOLE_VAL = "val_whole"  # the validation split unsplit, for rank 0 to score after training  # test hook: a worker raises after this epoch's checkpoint
 
 
 def needs_full_input(method: str) -> bool:
@@ -260,18 +262,43 @@ def train_loop_per_worker(config: dict) -> None:
     plain = build_method_model(keras, spec, method, len(classes), weights, f.m2_trainable_layers, f.m3_units)
     checkpoints.restore(checkpoints.load(best_file) if best_file.exists()
                         else checkpoints.named_arrays(model), plain)  # never assigned into the distributed model
-    y_true, y_pred, ids = [], [], []
-    for b in ray.train.get_dataset_shard("test").iter_batches(batch_size=f.batch_size, batch_format="numpy"):
-        x = preprocess(keras, spec.model, tf.cast(b["image"], tf.float32))
-        y_pred.append(np.argmax(plain.predict_on_batch(x), axis=1))
-        y_true.append(b["label"])
-        ids.append(b["image_id"])
+    def scored(split: str) -> dict[str, np.ndarray]:  # the class probabilities of a whole split, in rank 0
+        y_true, proba, ids = [np.zeros(0, np.int64)], [np.zeros((0, len(classes)), np.float32)], [np.zeros(0, str)]
+        for b in ray.train.get_dataset_shard(split).iter_batches(batch_size=f.batch_size, batch_format="numpy"):
+            x = preprocess(keras, spec.model, tf.cast(b["image"], tf.float32))
+            proba.append(np.asarray(plain.predict_on_batch(x), dtype=np.float32))
+            y_true.append(b["label"])
+            ids.append(b["image_id"])
+        proba_ = np.concatenate(proba)
+        return {"y_true": np.concatenate(y_true), "y_pred": np.argmax(proba_, axis=1), "proba": proba_,
+                "image_id": np.concatenate(ids).astype(str)}
+
     with tempfile.TemporaryDirectory() as d:
         plain.save(str(Path(d) / "model.keras"))
-        np.savez(Path(d) / "test.npz", y_true=np.concatenate(y_true), y_pred=np.concatenate(y_pred),
-                 image_id=np.concatenate(ids).astype(str))
+        np.savez(Path(d) / "test.npz", **scored("test"))
+        np.savez(Path(d) / "val.npz", **scored(WHOLE_VAL))  # to choose a temporal smoother on
         (Path(d) / checkpoints.STATE).write_text(json.dumps({**state, "final": True}))
         ray.train.report({"final": 1.0}, checkpoint=Checkpoint.from_directory(d))
+
+
+def smooth_on_validation(manifest: pd.DataFrame, method: str, max_gap_s: float, val: dict, test: dict
+                         ) -> tuple[Smoother | None, np.ndarray]:
+    """The temporal smoother (classify.temporal) chosen on the validation images by macro-F1, as for
+    Approach 1, and the test labels it gives; per-image labels when none beats them. Each split is
+    smoothed alone, along its own images' days and times from the manifest."""
+    if method == "none" or not len(val["y_true"]) or not len(test["y_true"]):
+        return None, test["y_pred"]
+    times = manifest.assign(image_id=manifest["image_id"].astype(str)).set_index("image_id")[["day", "timestamp"]]
+
+    def seqs(ids: np.ndarray) -> list[np.ndarray]:
+        t = times.reindex(ids)
+        return sequences(t["day"].to_numpy(), t["timestamp"].to_numpy(), max_gap_s)
+
+    smoother = choose(method, val["proba"].astype(np.float64), val["y_true"], seqs(val["image_id"]),
+                      lambda y, p: scores(y, p)["f1_macro"])
+    if smoother is None:
+        return None, test["y_pred"]
+    return smoother, np.argmax(smoother.apply(test["proba"].astype(np.float64), seqs(test["image_id"])), axis=1)
 
 
 def split_column(f: FinetuneConfig) -> str:
@@ -411,6 +438,8 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
                          shuffle=(s == "train"), jpeg_draft=cfg.extract.jpeg_draft, options=opts)
         for s in SPLIT_NAMES
     }
+    datasets[WHOLE_VAL] = image_dataset(manifest[manifest[col] == "val"], classes, f.image_size, max_px, f.batch_size,
+                                        f.seed, shuffle=False, jpeg_draft=cfg.extract.jpeg_draft, options=opts)
     # Checkpoints live with the study: on a multi-node cluster that must be S3/GCS or a shared filesystem.
     name = f"{model}-{method}-{sig}"
     refuse_old_checkpoints(study / "finetune" / "_ray" / name)
@@ -447,7 +476,12 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
         export_keras3(trained, spec, method, len(classes), f, out / KERAS3_FILE)
         del trained
         with np.load(d / "test.npz", allow_pickle=False) as z:
-            y_true, y_pred, ids = z["y_true"], z["y_pred"], z["image_id"]
+            test = {k: z[k] for k in z.files}
+        with np.load(d / "val.npz", allow_pickle=False) as z:
+            val = {k: z[k] for k in z.files}
+    y_true, y_pred, ids = test["y_true"], test["y_pred"], test["image_id"]
+    smoother, smoothed = smooth_on_validation(manifest, cfg.classify.temporal, cfg.classify.temporal_max_gap_s,
+                                              val, test)
     history = pd.DataFrame(state["history"])
     storage.write_text_atomic(history.to_csv(index=False), out / "history.csv")
     plot_history(history, out / "learning_curves.png", f"{model} {method.upper()}")
@@ -455,11 +489,15 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
     cm = pd.DataFrame(rep["confusion"], index=classes, columns=classes)
     storage.write_text_atomic(cm.to_csv(index_label="true\\predicted"), out / "confusion.csv")
     storage.write_df_atomic(pd.DataFrame({"model": model, "method": method, "image_id": ids,
-                                  "true": [classes[i] for i in y_true], "pred": [classes[i] for i in y_pred]}),
+                                  "true": [classes[i] for i in y_true], "pred": [classes[i] for i in y_pred],
+                                  "smoothed": [classes[i] for i in smoothed]}),
                     out / "predictions.parquet")
     scores_ = {k: rep[k] for k in METRIC_COLUMNS}
+    smoothed_rep = full_report(y_true, smoothed, classes)
     meta = {"signature": sig, "epochs": state["epoch"], "best_epoch": state["best_epoch"],
             "protocol": f.protocol, "resumed_at": state["resumed_at"], "restores": state.get("restores", []), "scores": scores_, "report": rep, "classes": classes,
+            "smoothing": smoother.describe() if smoother else "",
+            "smoothed_scores": {k: smoothed_rep[k] for k in METRIC_COLUMNS},
             "image_size": f.image_size, "preprocess": f"keras.applications.{model}.preprocess_input"}
     write_resolved(cfg, out)
     storage.write_text_atomic(json.dumps(meta, indent=1), done)  # last: marks the run complete

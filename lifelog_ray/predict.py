@@ -152,10 +152,12 @@ def _label(batch: dict[str, np.ndarray], probs: np.ndarray, classes: list[str]) 
 
 
 def pipeline_smoother(study: Path, choice: Choice) -> Smoother | None:
-    """The smoother chosen on validation when the pipeline was fitted (its pipeline.json); none for a
-    fine-tuned model, for which no smoother is chosen yet."""
+    """The smoother chosen on validation when the pipeline was fitted: a classifier's pipeline.json, a
+    fine-tuned model's metrics.json (none from a run made before smoothers were chosen)."""
     if choice.approach != 1:
-        return None
+        done = study / "finetune" / choice.model / choice.variant / "metrics.json"
+        smoothing = json.loads(done.read_text("utf-8")).get("smoothing", "") if done.exists() else ""
+        return Smoother.parse(smoothing) if smoothing else None
     layer, clf = choice.variant.split("/")
     meta = json.loads((pipeline_dir(study / "classify", choice.model, layer, clf) / "pipeline.json").read_text("utf-8"))
     return Smoother.parse(meta["smoothing"]) if meta.get("smoothing") else None

@@ -105,6 +105,9 @@ def test_finetune_trains_and_tests_on_the_day_split(both):
     tested = set(pd.read_parquet(run.output / "predictions.parquet")["image_id"])
     manifest = pd.read_parquet(cfg.study_dir / "manifest.parquet")
     assert tested == set(manifest.loc[manifest["split_day"] == "test", "image_id"])
+    done = json.loads((run.output / "metrics.json").read_text())  # a smoother chosen on its validation days
+    assert "smoothing" in done and set(done["smoothed_scores"]) >= {"accuracy", "f1_macro"}
+    assert "smoothed" in pd.read_parquet(run.output / "predictions.parquet")
 
 
 CANON = {"walking": (60, 170, 60), "car": (110, 110, 110), "eating food": (200, 140, 80)}
@@ -146,3 +149,19 @@ def test_smoothing_chosen_on_validation_raises_day_protocol_macro_f1(tmp_path, r
         per_image, smoothed = res.loc[(clf, "none")], res.loc[(clf, "smoothed")]
         assert smoothed["smoothing"].startswith("window=")
         assert smoothed["f1_macro"] >= per_image["f1_macro"] + 0.05, (clf, per_image["f1_macro"], smoothed["f1_macro"])
+
+
+def test_too_few_days_skip_the_day_protocol_under_both_and_fail_it_alone(tmp_path, caplog):
+    from lifelog_ray.classify.study import usable_protocols
+    from lifelog_ray.errors import LifelogError
+
+    pd.DataFrame({"image_id": ["a", "b", "c"], "split_day": ["train", "train", "val"]}).to_parquet(
+        tmp_path / "manifest.parquet")  # two days: no test day
+    with caplog.at_level("WARNING"):
+        assert usable_protocols(tmp_path, ["image", "day"]) == (["image"], None)
+    assert "test empty" in caplog.text and "only the per-image protocol runs" in caplog.text
+    with pytest.raises(LifelogError, match="test empty.*--protocol image"):
+        usable_protocols(tmp_path, ["day"])
+    pd.DataFrame({"image_id": ["a", "b", "c"], "split_day": ["train", "test", "val"]}).to_parquet(
+        tmp_path / "manifest.parquet")
+    assert usable_protocols(tmp_path, ["image", "day"])[0] == ["image", "day"]

@@ -67,3 +67,27 @@ def test_predict_writes_the_smoothed_label_beside_the_per_image_one(tmp_path):
     assert df["predicted_label"].tolist()[:6] == ["a", "a", "a", "b", "a", "a"]  # per image: unchanged
     assert df["smoothed_label"].tolist()[:6] == ["a"] * 6 and pd.isna(df["smoothed_label"].iloc[6])
     assert [p.name for p in part.iterdir()] == ["smoothed-0.parquet"]
+
+
+def test_a_fine_tuned_model_is_smoothed_by_the_window_chosen_on_its_validation_split(tmp_path):
+    from lifelog_ray.finetune import smooth_on_validation
+    from lifelog_ray.predict import Choice, pipeline_smoother
+
+    # one day, frames 30 s apart; the model's probabilities flicker to the wrong class on single frames
+    ids = [f"f{i}" for i in range(40)]
+    manifest = pd.DataFrame({"image_id": ids, "day": "2016-08-15",
+                             "timestamp": pd.date_range("2016-08-15 08:00", periods=40, freq="30s")})
+    y = np.repeat([0, 1], 10)
+    proba = np.eye(2)[y] * 0.6 + 0.2
+    proba[[3, 7, 12, 16]] = proba[[3, 7, 12, 16]][:, ::-1]  # flickers
+    val = {"image_id": np.array(ids[:20]), "y_true": y, "y_pred": proba.argmax(1), "proba": proba}
+    test = {"image_id": np.array(ids[20:]), "y_true": y, "y_pred": proba.argmax(1), "proba": proba}
+    smoother, smoothed = smooth_on_validation(manifest, "window", 300, val, test)
+    assert smoother is not None and (smoothed == y).all() and (test["y_pred"] != y).sum() == 4
+    assert smooth_on_validation(manifest, "none", 300, val, test)[0] is None
+    run = tmp_path / "finetune" / "vgg19" / "m2"  # predict reads the run's choice back
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(f'{{"smoothing": "{smoother.describe()}"}}')
+    assert pipeline_smoother(tmp_path, Choice(2, "vgg19", "m2", 0.9)).describe() == smoother.describe()
+    (run / "metrics.json").write_text("{}")  # a run from before smoothers were chosen
+    assert pipeline_smoother(tmp_path, Choice(2, "vgg19", "m2", 0.9)) is None

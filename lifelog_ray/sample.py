@@ -243,19 +243,23 @@ def worn(scene: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def day_plan(rng: np.random.Generator, images_per_day: int) -> list[tuple[str, int]]:
-    """A day as runs of (activity, number of frames). A day has a handful of activities, each on some
+    """A day as runs of (activity, number of frames), ``images_per_day`` frames in all. A day has a handful of activities, each on some
     days and not others; the common ones take more frames (the paper's long head, thin tail). The ten
     most common each appear on most days, so a ten-day lifelog splits by day for every one of them."""
     names = list(ACTIVITIES)
     weight = np.array([ACTIVITIES[n].weight for n in names])
     on_day = np.where(np.arange(len(names)) < 10, 0.75, 0.15)  # the chance an activity happens on a given day
     today = [i for i in range(len(names)) if rng.random() < on_day[i]] or [0]
-    share = np.sqrt(weight[today]) / np.sqrt(weight[today]).sum()
+    today = today[:max(1, images_per_day // 3)]  # at least 3 frames an activity: the most common fit first
+    # Exactly images_per_day frames: 3 each where they fit, the rest shared by sqrt(weight), largest remainders.
+    floor_n = min(3, images_per_day // len(today))
+    share = np.sqrt(weight[today]) / np.sqrt(weight[today]).sum() * (images_per_day - floor_n * len(today))
+    counts = np.floor(share).astype(int)
+    counts[np.argsort(counts - share, kind="stable")[: images_per_day - floor_n * len(today) - counts.sum()]] += 1
     runs = []
-    for i, sh in zip(today, share, strict=True):
-        n = max(3, int(round(sh * images_per_day)))
+    for i, n in zip(today, (counts + floor_n).tolist(), strict=True):
         parts = 2 if n >= 10 and rng.random() < 0.5 else 1  # e.g. at the desk in the morning and the afternoon
-        runs += [(names[i], n // parts + (k < n % parts)) for k in range(parts)]
+        runs += [(names[i], n // parts + int(k < n % parts)) for k in range(parts)]
     return [runs[k] for k in rng.permutation(len(runs))]
 
 

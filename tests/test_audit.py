@@ -21,7 +21,9 @@ def noisy_study(tmp_path_factory, ray_local):
 
     tmp = tmp_path_factory.mktemp("audit")
     root = tmp / "lifelog"
-    write_sample(root, seed=3, days=3, images_per_day=60, image_size=(96, 72))
+    # No spoiled frames (a hand over the lens...): they are hard images, not label errors, and would blur what
+    # this measures, how well the audit finds the injected flips.
+    write_sample(root, seed=3, days=3, images_per_day=60, image_size=(96, 72), bad_frame=0.0)
     labels = pd.read_csv(root / "labels.csv", keep_default_na=False)
     cfg = load_config(None, {
         "data.root": str(root), "data.labels": str(root / "labels.csv"), "data.top_k": 5,

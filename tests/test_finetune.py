@@ -125,6 +125,7 @@ def test_worker_failure_is_retried_within_the_run_and_two_workers(small_study, r
     cfg.finetune.workers = 2
     cfg.finetune.cpus_per_worker = 0.5  # two workers on 2 cores, with room left for decoding
     cfg.finetune.max_failures = 1
+    cfg.data.top_k = 5  # on the session's sample this gives 39 training images: the short tail below
     build_manifest(cfg)
     n_train = int((pd.read_parquet(cfg.study_dir / "manifest.parquet")["split"] == "train").sum())
     assert all(1 <= (n // 2) % 16 <= 8 for n in range(n_train - 3, n_train + 1))  # minus undecodable files

@@ -37,8 +37,8 @@ from .temporal import Smoother, choose, sequences
 log = logging.getLogger(__name__)
 
 HEAD = "predictions_lifelog"
-FAULT_ENV = "LIFELOG_RAY_FAULT_AFTER_EPOCH"
-WHOLE_VAL = "val_whole"  # the validation split unsplit, for rank 0 to score after training  # test hook: a worker raises after this epoch's checkpoint
+FAULT_ENV = "LIFELOG_RAY_FAULT_AFTER_EPOCH"  # test hook: a worker raises after this epoch's checkpoint
+WHOLE_VAL = "val_whole"  # the validation split unsplit, for rank 0 to score after training
 
 
 def needs_full_input(method: str) -> bool:

@@ -20,6 +20,7 @@ from .classify.data import load_feature_set
 from .classify.estimators import ClassifierSpec, fit_pca_classifier, load_search_space
 from .config import SPLIT_NAMES, StudyConfig
 from .errors import LifelogError
+from .lease import leased
 from .metrics import TABLE_METRICS, scores
 from .results import Choice, best_approach1
 
@@ -72,6 +73,7 @@ def rerun_without_suspects(cfg: StudyConfig, fs, ch: Choice, spec: ClassifierSpe
     return pd.DataFrame(rows)
 
 
+@leased("audit")
 def run_audit(cfg: StudyConfig, folds: int = 5, model: str | None = None, layer: str | None = None,
               classifier: str | None = None, rerun: bool = False) -> pd.DataFrame:
     import ray

@@ -20,6 +20,10 @@ from .console import QUIET_RAY, Console
 from .errors import LifelogError
 
 Flag = tuple[str, str, dict[str, Any]]  # (flag, dotted config key, argparse kwargs)
+# Every command that writes a stage's outputs holds that stage's lease (STUDY/_leases/); --wait queues.
+WAIT: Flag = ("--wait", "storage.lease_wait", {"action": "store_true", "default": None,
+                                               "help": "if another run holds this stage of the study, wait for it "
+                                                       "instead of failing"})
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ MANIFEST_FLAGS: list[Flag] = [
     ("--split", "data.split", {"help": "train,val,test fractions, e.g. 0.6,0.2,0.2"}),
     ("--seed", "data.seed", {"type": int}),
     ("--allow-outside-root", "data.allow_outside_root", {"action": "store_true", "default": None}),
+    WAIT,
 ]
 
 
@@ -123,6 +128,7 @@ EXTRACT_FLAGS: list[Flag] = [
     ("--image-size", "extract.image_size", {"type": int, "help": "input side (224 for imagenet weights)"}),
     ("--num-actors", "extract.num_actors", {"type": int}),
     ("--overwrite", "extract.overwrite", {"action": "store_true", "default": None}),
+    WAIT,
 ]
 
 
@@ -150,6 +156,7 @@ CLASSIFY_FLAGS: list[Flag] = [
     ("--refit-on", "classify.refit_on", {"choices": ["train", "train+val"]}),
     ("--protocol", "classify.protocol", {"choices": ["image", "day", "both"],
                                          "help": "split per image (the paper's), per whole day, or both side by side"}),
+    WAIT,
 ]
 
 
@@ -177,6 +184,7 @@ FINETUNE_FLAGS: list[Flag] = [
     ("--gpus-per-worker", "finetune.gpus_per_worker", {"type": float}),
     ("--protocol", "finetune.protocol", {"choices": ["image", "day"],
                                          "help": "train and test on the per-image split (the paper's) or whole days"}),
+    WAIT,
 ]
 
 
@@ -238,7 +246,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import run_predict
 
-    cfg = config_from_args(args, [])
+    cfg = config_from_args(args, [WAIT])
     with console_of(args).stage("predict", cfg.study_dir, args.images):
         out, n, secs = run_predict(cfg, args.images, args.pipeline, args.name)
     say(args, f"predict: {n} images labelled in {secs}s -> {out} (partitioned by day)")
@@ -260,7 +268,7 @@ def _audit_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_audit(args: argparse.Namespace) -> int:
     from .audit import run_audit
 
-    cfg = config_from_args(args, [])
+    cfg = config_from_args(args, [WAIT])
     with console_of(args).stage("audit", cfg.study_dir):
         out = run_audit(cfg, args.folds, args.model, args.layer, args.classifier, rerun=args.rerun_without_suspects)
     say(args, out.head(args.top)[["rank", "image_id", "given_label", "suggested_label", "score"]].to_string(index=False))
@@ -281,7 +289,7 @@ def _curve_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_curve(args: argparse.Namespace) -> int:
     from .curve import run_curve
 
-    cfg = config_from_args(args, [])
+    cfg = config_from_args(args, [WAIT])
     try:
         fractions = [float(x) for x in args.fractions.split(",")]
     except ValueError:
@@ -318,11 +326,11 @@ COMMANDS: list[Command] = [
     Command("report", "write the self-contained HTML report of a study", cmd_report),
     Command("run", "the whole study: manifest -> extract -> classify -> finetune -> report (resumable)", cmd_run,
             RUN_FLAGS, _run_arguments),
-    Command("predict", "label new lifelog images with the study's best pipeline", cmd_predict,
+    Command("predict", "label new lifelog images with the study's best pipeline", cmd_predict, [WAIT],
             arguments=_predict_arguments),
-    Command("audit", "rank likely mislabelled images (out-of-fold probabilities + cleanlab)", cmd_audit,
+    Command("audit", "rank likely mislabelled images (out-of-fold probabilities + cleanlab)", cmd_audit, [WAIT],
             arguments=_audit_arguments),
-    Command("curve", "test score against the amount of training data (a Ray Tune grid)", cmd_curve,
+    Command("curve", "test score against the amount of training data (a Ray Tune grid)", cmd_curve, [WAIT],
             arguments=_curve_arguments),
     Command("doctor", "check this install: versions, devices, cached weights, the Ray cluster, extras", cmd_doctor),
 ]

@@ -184,6 +184,11 @@ class StorageConfig(_Section):
     # {"s3": {"endpoint_url": "http://minio:9000"}} or {"gs": {"project": "my-project"}}.
     # Credentials belong in the environment or the instance profile, not in a config file.
     options: dict[str, dict[str, Any]] = {}
+    # One run per study stage: STUDY/_leases/<stage>[-<model>].json. A holder whose heartbeat is older
+    # than this is dead (on its own host, a gone pid is dead at once); lease_wait (--wait) queues behind
+    # a live holder instead of failing.
+    lease_timeout_s: float = Field(120.0, gt=0)
+    lease_wait: bool = False
 
 
 SPLIT_NAMES = ("train", "val", "test")  # the manifest's split values, in data.split's order

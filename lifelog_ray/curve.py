@@ -19,6 +19,7 @@ from .classify.data import load_feature_set
 from .classify.estimators import fit_pca_classifier, load_search_space
 from .config import StudyConfig
 from .errors import LifelogError
+from .lease import leased
 from .metrics import scores
 from .results import Choice, best_approach1
 
@@ -40,6 +41,7 @@ def _curve_trial(config: dict, data: dict) -> None:
     tune.report({"n_train": len(idx), "accuracy": s["accuracy"], "f1_macro": s["f1_macro"]})
 
 
+@leased("curve")
 def run_curve(cfg: StudyConfig, fractions: list[float], seeds: int = 3) -> pd.DataFrame:
     from ray import tune
 

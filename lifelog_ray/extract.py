@@ -1,11 +1,15 @@
 """Feature extraction: manifest -> decode tasks -> VGG actor pool (one pass, all taps) -> Parquet shards.
 
 Layout under STUDY/features/<model>/:
-  <layer>/<YYYY-MM>/<unit>_p<part>.parquet   rows: image_id, label, split, day, features (FixedSizeList<f32>)
-  _units/<unit>.json                          written last: marks a unit (<= unit_size images of one day) done,
-                                              lists its part files and its rejects
-  _extract.json                               what the features are (model, weights, size, precision, layers)
-A rerun deletes parts no marker lists (an interrupted unit), skips done units, and extracts only new images.
+  <layer>/<YYYY-MM>/<unit>.parquet   rows: image_id, label, split, day, features (FixedSizeList<f32>); one file
+                                     per completed unit and layer, so a plain reader of the folder sees whole
+                                     units only
+  _staging/<run>/<layer>/...         the writers' parts of units still in flight (outside the layer folders)
+  _units/<unit>.json                 written last: marks a unit (<= unit_size images of one day) done, lists
+                                     its published file and its rejects
+  _extract.json                      what the features are (model, weights, size, precision, layers)
+A run holds the lease STUDY/_leases/extract-<model>.json. On start it deletes what a dead run left: its
+staging and any published file no marker lists; then it skips done units and extracts only new images.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +32,7 @@ from .backbones import BackboneSpec, FeatureExtractor, resolve_weights, tap_widt
 from .config import StudyConfig, write_resolved
 from .errors import LifelogError
 from .images import decoded_images
+from .lease import Lease, holding, stage_lease
 from .rejects import normalize_rejects, read_rejects, replace_stage_rejects
 
 log = logging.getLogger(__name__)
@@ -41,10 +47,14 @@ def month_of(day: str) -> str:
 
 
 class ShardWriter:
-    """Writer stage: one Parquet part per (unit, layer) in the batch; returns a small summary per unit."""
+    """Writer stage: one staged Parquet part per (unit, layer) in the batch; returns a small summary per unit.
 
-    def __init__(self, model_dir: Path, layers: list[str]) -> None:
-        self.model_dir = model_dir  # a Path, or a UPath (S3/GCS) that carries its filesystem options
+    Parts go to this run's staging folder, outside the layer folders: the driver publishes a unit's rows
+    (one file per layer) once all of them are written, so readers of a layer never see part of a unit.
+    """
+
+    def __init__(self, staging: Path, layers: list[str]) -> None:
+        self.staging = staging  # a Path, or a UPath (S3/GCS) that carries its filesystem options
         self.layers = layers
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -57,7 +67,6 @@ class ShardWriter:
             ids = [str(x) for x in batch["image_id"][good]]
             part = f"{unit}_p{_hash(ids, 8)}" if ids else ""
             if ids:
-                day = str(batch["day"][good][0])
                 for layer in self.layers:
                     feats = np.ascontiguousarray(batch[f"feat__{layer}"][good], dtype=np.float32)
                     table = pa.table(
@@ -69,7 +78,7 @@ class ShardWriter:
                             "features": pa.FixedSizeListArray.from_arrays(feats.reshape(-1), feats.shape[1]),
                         }
                     )
-                    storage.write_table_atomic(table, self.model_dir / layer / month_of(day) / f"{part}.parquet")
+                    storage.write_table_atomic(table, self.staging / layer / f"{part}.parquet")
             bad = sel & ~ok
             rej = [
                 {"image_id": str(i), "path": str(p), "reason": str(r), "detail": str(d)}
@@ -122,8 +131,14 @@ class UnitLedger:
     def done_ids(self) -> set[str]:
         return {i for m in self.markers() for i in m["image_ids"]}
 
+    @property
+    def staging(self) -> Path:
+        return self.model_dir / "_staging"
+
     def remove_orphans(self, layers: list[str]) -> int:
-        """Delete parts that no marker lists: what an interrupted run left behind."""
+        """Delete what a dead run left behind: its staging, and published files that no marker lists (a run
+        that died between publishing a unit and writing its marker). Only the lease holder calls this."""
+        storage.rmtree(self.staging)
         listed = {p for m in self.markers() for p in m["parts"]}
         removed = 0
         for layer in layers:
@@ -133,8 +148,26 @@ class UnitLedger:
                     removed += 1
         return removed
 
+    def publish(self, unit: str, day: str, parts: list[str], layers: list[str], staging: Path) -> list[str]:
+        """A completed unit's staged parts become one file per layer, <layer>/<YYYY-MM>/<unit>.parquet, each
+        appearing whole (a rename or one PUT); returns the names the marker lists."""
+        parts = list(dict.fromkeys(p for p in parts if p))
+        if not parts:
+            return []
+        for layer in layers:
+            staged = [staging / layer / f"{p}.parquet" for p in parts]
+            target = self.model_dir / layer / month_of(day) / f"{unit}.parquet"
+            if len(staged) == 1:
+                storage.move(staged[0], target)
+            else:
+                table = pa.concat_tables([storage.read_table(f) for f in staged])
+                storage.write_table_atomic(table.sort_by("image_id"), target)
+                for f in staged:
+                    storage.unlink(f)
+        return [unit]
+
     def complete(self, unit: str, day: str, image_ids: list[str], parts: list[str], rejects: list[dict]) -> None:
-        marker = {"unit": unit, "day": day, "image_ids": image_ids, "parts": sorted(p for p in parts if p),
+        marker = {"unit": unit, "day": day, "image_ids": image_ids, "parts": sorted(parts),
                   "rejects": rejects, "finished": time.time()}
         storage.write_text_atomic(json.dumps(marker), self.units_dir / f"{unit}.json")
 
@@ -179,7 +212,7 @@ def spec_for(cfg: StudyConfig, model: str) -> BackboneSpec:
     return BackboneSpec(model, tuple(e.layers), e.weights, e.image_size, e.seed, e.precision)
 
 
-def feature_dataset(cfg: StudyConfig, spec: BackboneSpec, rows: pd.DataFrame, model_dir: Path,
+def feature_dataset(cfg: StudyConfig, spec: BackboneSpec, rows: pd.DataFrame, staging: Path,
                     weights: list[np.ndarray]):
     """The Ray chain: decode tasks -> VGG actor pool -> shard writers; one output row per written part."""
     import ray
@@ -200,18 +233,19 @@ def feature_dataset(cfg: StudyConfig, spec: BackboneSpec, rows: pd.DataFrame, mo
         num_gpus=1 if use_gpu else 0, num_cpus=e.cpus_per_actor, batch_format="numpy",
     )
     return ds.map_batches(
-        ShardWriter, fn_constructor_kwargs={"model_dir": model_dir, "layers": list(spec.layers)},
+        ShardWriter, fn_constructor_kwargs={"staging": staging, "layers": list(spec.layers)},
         batch_size=e.unit_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors), num_cpus=0.25,
         batch_format="numpy",
     )
 
 
 class UnitTracker:
-    """The ledger's side of a run: counts each unit's rows as its parts come back, and marks the unit
-    complete (marker written last) once every one of its images is in a part or a reject."""
+    """The ledger's side of a run: counts each unit's rows as its parts come back and, once every one of a
+    unit's images is in a part or a reject, publishes its parts and marks it complete (marker last)."""
 
-    def __init__(self, ledger: UnitLedger, pending: pd.DataFrame, model: str) -> None:
-        self.ledger, self.model = ledger, model
+    def __init__(self, ledger: UnitLedger, pending: pd.DataFrame, model: str, layers: list[str],
+                 staging: Path, lease: Lease | None = None) -> None:
+        self.ledger, self.model, self.layers, self.staging, self.lease = ledger, model, layers, staging, lease
         self.rows = {u: g for u, g in pending.groupby("unit")}
         self.expected = {u: len(g) for u, g in self.rows.items()}
         self.seen: dict[str, int] = {}
@@ -228,8 +262,12 @@ class UnitTracker:
             self.n_ok += int(row.n_ok)
             self.n_bad += len(rej)
             if self.seen[row.unit] == self.expected[row.unit]:
+                if self.lease is not None:
+                    self.lease.check()  # judged dead and taken over: publish nothing more
                 g = self.rows[row.unit]
-                self.ledger.complete(row.unit, str(g["day"].iloc[0]), g["image_id"].tolist(), self.parts[row.unit],
+                day = str(g["day"].iloc[0])
+                published = self.ledger.publish(row.unit, day, self.parts[row.unit], self.layers, self.staging)
+                self.ledger.complete(row.unit, day, g["image_id"].tolist(), published,
                                      [{**r, "model": self.model} for r in self.rejects[row.unit]])
 
     def incomplete(self) -> list[str]:
@@ -238,6 +276,11 @@ class UnitTracker:
 
 def extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | None = None) -> ExtractSummary:
     """Extract one backbone's taps for every manifest image not done yet: pending rows -> dataset -> ledger."""
+    with stage_lease(cfg, "extract", model) as lease:
+        return _extract_model(cfg, model, weights, lease)
+
+
+def _extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | None, lease: Lease) -> ExtractSummary:
     e = cfg.extract
     spec = spec_for(cfg, model)
     model_dir = cfg.study_dir / "features" / model
@@ -247,7 +290,7 @@ def extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | None
     ledger = UnitLedger(model_dir)
     removed = ledger.remove_orphans(list(spec.layers))
     if removed:
-        log.info("removed %d part file(s) of interrupted units", removed)
+        log.info("removed %d published file(s) of units never marked done", removed)
     manifest = storage.read_parquet(cfg.study_dir / "manifest.parquet",
                                     columns=["image_id", "path", "label", "split", "day"])
     pending = manifest[~manifest["image_id"].isin(ledger.done_ids())]
@@ -258,10 +301,11 @@ def extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | None
     if weights is None:
         weights = resolve_weights(spec)  # before any Ray work: a missing weights file fails here
     pending = plan_units(pending, e.unit_size)
-    tracker = UnitTracker(ledger, pending, model)
+    staging = ledger.staging / uuid.uuid4().hex[:12]  # this run's: a dead run's staging is never reused
+    tracker = UnitTracker(ledger, pending, model, list(spec.layers), staging, lease)
     rows = pending[["image_id", "path", "label", "split", "day", "unit"]].astype(str)
-    for batch in feature_dataset(cfg, spec, rows, model_dir, weights).iter_batches(batch_size=None,
-                                                                                    batch_format="pandas"):
+    for batch in feature_dataset(cfg, spec, rows, staging, weights).iter_batches(batch_size=None,
+                                                                                 batch_format="pandas"):
         if not summary.first_output_s:
             summary.first_output_s = time.perf_counter() - t0
             summary.first_output_rows = int(batch["n_ok"].sum()) + sum(len(json.loads(r)) for r in batch["rejects"])
@@ -271,6 +315,7 @@ def extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | None
     if tracker.incomplete():
         raise LifelogError(f"extract {model}: {len(tracker.incomplete())} unit(s) incomplete; "
                            f"rerun the same command to resume")
+    storage.rmtree(ledger.staging)  # parts of retried batches that no unit used
     return summary
 
 
@@ -291,13 +336,14 @@ def run_extract(cfg: StudyConfig) -> list[ExtractSummary]:
     study = cfg.study_dir
     if not (study / "manifest.parquet").exists():
         raise LifelogError(f"{study}: no manifest.parquet; run `lifelog-ray manifest --study {study} ...` first")
-    # Resolve every model's weights first: a bad weights spec fails before any Ray work starts.
-    weights = {m: resolve_weights(spec_for(cfg, m)) for m in cfg.extract.models}
-    summaries = [extract_model(cfg, m, weights[m]) for m in cfg.extract.models]
-    # Every model with a ledger, not only this run's: extracting vgg16 must not drop vgg19's rejects.
-    features = study / "features"
-    ledgers = sorted(p.name for p in features.iterdir() if (p / "_units").exists()) if features.exists() else []
-    consolidate_rejects(study, sorted(set(cfg.extract.models) | set(ledgers)))
+    # Every model's lease, then its weights: a second run or a bad weights spec fails before any Ray work.
+    with holding([stage_lease(cfg, "extract", m) for m in cfg.extract.models]):
+        weights = {m: resolve_weights(spec_for(cfg, m)) for m in cfg.extract.models}
+        summaries = [extract_model(cfg, m, weights[m]) for m in cfg.extract.models]
+        # Every model with a ledger, not only this run's: extracting vgg16 must not drop vgg19's rejects.
+        features = study / "features"
+        ledgers = sorted(p.name for p in features.iterdir() if (p / "_units").exists()) if features.exists() else []
+        consolidate_rejects(study, sorted(set(cfg.extract.models) | set(ledgers)))
     for m in cfg.extract.models:
         write_resolved(cfg, study / "features" / m)
     return summaries

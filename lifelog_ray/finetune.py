@@ -31,6 +31,7 @@ from .backbones import BackboneSpec, application, build_base, legacy_keras_modul
 from .config import SPLIT_NAMES, FinetuneConfig, StudyConfig, write_resolved
 from .errors import LifelogError
 from .images import decoded_images
+from .lease import leased
 from .metrics import METRIC_COLUMNS, TABLE_METRICS, full_report, scores
 from .temporal import Smoother, choose, sequences
 
@@ -520,6 +521,7 @@ def table4(runs: list[FinetuneRun]) -> tuple[str, pd.DataFrame]:
     return "\n".join(md) + "\n", df
 
 
+@leased("finetune")
 def run_finetune(cfg: StudyConfig) -> list[FinetuneRun]:
     from .runtime import ensure_ray
 

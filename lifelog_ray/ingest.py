@@ -17,6 +17,7 @@ import pandas as pd
 from . import storage
 from .config import SPLIT_NAMES, DataConfig, StudyConfig, write_resolved
 from .errors import LifelogError
+from .lease import leased
 from .rejects import normalize_rejects, replace_stage_rejects
 from .storage import Options, to_path
 from .taxonomy import Taxonomy
@@ -366,6 +367,7 @@ def _resolve_remote(root: Path, rel: str, allow_outside: bool, listing: set[str]
     return root / norm, None, None
 
 
+@leased("manifest")
 def build_manifest(cfg: StudyConfig) -> IngestResult:
     data = cfg.data
     study = cfg.study_dir

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from .config import StudyConfig, write_resolved
 from .errors import LifelogError
+from .lease import check_free
 
 if TYPE_CHECKING:
     from .console import Console
@@ -68,6 +69,9 @@ def run_study(cfg: StudyConfig, stages: tuple[str, ...] = STAGES, console: Conso
     study = cfg.study_dir
     study.mkdir(parents=True, exist_ok=True)
     stages = plan(study, stages)
+    # A live run holding one of these stages: fail now, before Ray starts (each stage takes its lease in turn).
+    check_free(cfg, [(s, m) for s in stages if s != "report"
+                     for m in (cfg.extract.models if s == "extract" else [None])])
     write_resolved(cfg, study)
     out: list[StageSummary] = []
 

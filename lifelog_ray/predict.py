@@ -22,6 +22,7 @@ from .config import StudyConfig
 from .errors import LifelogError
 from .images import decoded_images
 from .ingest import day_of, derive_image_id, scan_images, timestamp_from_exif, timestamp_from_name
+from .lease import leased
 from .results import best_row, of_protocol
 from .temporal import Smoother, sequences
 
@@ -214,6 +215,7 @@ def write_timelines(out: Path, options: dict | None, smoothing: str) -> None:
         storage.write_bytes_atomic(png, out / "_timelines" / f"{day}.png")
 
 
+@leased("predict")
 def run_predict(cfg: StudyConfig, images: str, which: str = "auto", name: str | None = None) -> tuple[Path, int, int]:
     import ray
 

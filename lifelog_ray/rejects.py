@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .lease import Lease
 from .storage import read_parquet, to_path, write_df_atomic
 
 REJECT_COLUMNS = ["image_id", "path", "row", "stage", "reason", "detail"]
@@ -45,10 +46,14 @@ def read_rejects(study: str | os.PathLike) -> pd.DataFrame:
 
 
 def replace_stage_rejects(study: str | os.PathLike, stage: str, rejects: pd.DataFrame) -> Path:
-    """Replace one stage's rows of rejects.parquet (a rerun of a stage must not duplicate its rejects)."""
-    current = read_rejects(study)
-    kept = current[current["stage"] != stage]
-    new = normalize_rejects(rejects)
-    new["stage"] = stage
-    merged = pd.concat([kept, new], ignore_index=True) if len(kept) else new
-    return write_df_atomic(merged, to_path(study) / "rejects.parquet")
+    """Replace one stage's rows of rejects.parquet (a rerun of a stage must not duplicate its rejects).
+
+    Two stages may finish at once (extracts of two backbones): the read-modify-write holds the short
+    `rejects` lease, waiting for the other writer."""
+    with Lease(to_path(study), "rejects", wait=True):
+        current = read_rejects(study)
+        kept = current[current["stage"] != stage]
+        new = normalize_rejects(rejects)
+        new["stage"] = stage
+        merged = pd.concat([kept, new], ignore_index=True) if len(kept) else new
+        return write_df_atomic(merged, to_path(study) / "rejects.parquet")

@@ -165,6 +165,18 @@ def unlink(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+def move(src: Path, dst: Path) -> Path:
+    """Move one file; readers of ``dst``'s folder see it whole or not at all. Locally a rename (same
+    filesystem), on an object store a server-side copy (the new object appears complete) then a delete."""
+    if is_remote(dst):
+        dst.fs.copy(src.path, dst.path)
+        dst.fs.rm(src.path)
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dst)
+    return dst
+
+
 def files(root: Path, suffixes: tuple[str, ...] | None = None) -> Iterator[Path]:
     """Every file under ``root`` (recursive, sorted); one listing call on an object store."""
     if is_remote(root):

@@ -55,3 +55,23 @@ def local_study(tmp_path_factory, sample_lifelog, ray_local):
 
     cfg = study_config(sample_lifelog, tmp_path_factory.mktemp("study") / "s")
     return cfg, run_study(cfg)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3 HTTP API on 127.0.0.1 (moto), a bucket `lifelog`, and the options that reach it."""
+    import logging
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    # The test server takes any key; real credentials come from the environment or the instance profile.
+    options = {"s3": {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}}
+    fs = s3fs.S3FileSystem(**options["s3"])
+    fs.mkdir("lifelog")
+    yield fs, options
+    server.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import re
 from pathlib import Path
 
@@ -19,24 +18,6 @@ from lifelog_ray.config import StudyConfig
 from lifelog_ray.ingest import build_manifest
 from lifelog_ray.pipeline import run_study
 from lifelog_ray.predict import run_predict
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """A real S3 HTTP API on 127.0.0.1 (moto), a bucket `lifelog`, and the options that reach it."""
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    # The test server takes any key; real credentials come from the environment or the instance profile.
-    options = {"s3": {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}}
-    fs = s3fs.S3FileSystem(**options["s3"])
-    fs.mkdir("lifelog")
-    yield fs, options
-    server.stop()
 
 
 def _on_s3(cfg: StudyConfig, options: dict, **paths: str) -> StudyConfig:

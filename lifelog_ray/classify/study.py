@@ -16,6 +16,7 @@ import pandas as pd
 from .. import storage
 from ..config import SPLIT_NAMES, StudyConfig, write_resolved
 from ..errors import LifelogError
+from ..lease import leased
 from ..metrics import METRIC_COLUMNS, TABLE_METRICS, full_report, scores
 from ..results import DEFAULT_PROTOCOL, best_row, of_protocol
 from ..temporal import Smoother, choose, class_scores, sequences
@@ -212,6 +213,7 @@ def _suffix(protocol: str) -> str:
     return "" if protocol == DEFAULT_PROTOCOL else f"__{protocol}"
 
 
+@leased("classify")
 def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
     """Run the study; a rerun with the same config and feature shards returns the saved results."""
     import ray

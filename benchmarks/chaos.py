@@ -1,0 +1,238 @@
+"""Chaos soak: `lifelog-ray extract` SIGKILLed at random moments, resumed, and raced by second runs.
+
+    .venv/bin/python benchmarks/chaos.py                  # 10 kills on ~300 sample images
+    .venv/bin/python benchmarks/chaos.py --kills 3 --images-per-day 20 --days 4
+
+Each round extracts a fresh copy of one study through the real CLI (a subprocess starting its own Ray).
+While a round runs, the soak kills, at random moments, either the driver with its process group (the
+machine going away) or one model actor (Ray replaces it), and now and then starts a second `extract`
+on the same study, which must be refused (exit 2, holder named) or, with --wait, queue behind it.
+After every kill it checks what a plain reader sees: `pandas.read_parquet` of each layer folder holds
+only rows of units whose marker is written, each image once. When a round completes it checks exactly
+once: manifest = feature rows + extract rejects per layer, no duplicate, no orphan file, no staging or
+lease left behind. Wasted work is the rows a killed run had extracted but not published (found in its
+staging or unmarked, deleted by the next run). Writes benchmarks/results/chaos.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+LAYERS = ["fc2", "predictions"]
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lifelog_ray", *args]
+
+
+def marked(model_dir: Path) -> dict[str, list[str]]:
+    """unit -> its image ids with features, from the completion markers."""
+    out = {}
+    for f in sorted((model_dir / "_units").glob("*.json")):
+        m = json.loads(f.read_text())
+        rejected = {r["image_id"] for r in m["rejects"]}
+        out[m["unit"]] = [i for i in m["image_ids"] if i not in rejected]
+    return out
+
+
+def reader_view(model_dir: Path) -> list[str]:
+    """What a plain reader sees: a problem per layer, or nothing."""
+    import pandas as pd
+
+    expected = sorted(i for ids in marked(model_dir).values() for i in ids)
+    problems = []
+    for layer in LAYERS:
+        d = model_dir / layer
+        ids = sorted(pd.read_parquet(d, columns=["image_id"])["image_id"]) if any(d.rglob("*.parquet")) else []
+        if len(ids) != len(set(ids)):
+            problems.append(f"{layer}: an image twice")
+        extra = set(ids) - set(expected)
+        if extra:
+            problems.append(f"{layer}: {len(extra)} rows of units never marked done")
+        if len(ids) < len(expected):
+            problems.append(f"{layer}: {len(expected) - len(ids)} rows of marked units missing")
+    return problems
+
+
+def leftover_rows(model_dir: Path) -> int:
+    """Rows a dead run extracted that the next run will delete: its staging plus unmarked published files."""
+    import pyarrow.parquet as pq
+
+    layer = LAYERS[0]
+    n = sum(pq.ParquetFile(f).metadata.num_rows for f in (model_dir / "_staging").glob(f"*/{layer}/*.parquet"))
+    listed = {p for f in (model_dir / "_units").glob("*.json") for p in json.loads(f.read_text())["parts"]}
+    n += sum(pq.ParquetFile(f).metadata.num_rows for f in (model_dir / layer).rglob("*.parquet") if f.stem not in listed)
+    return n
+
+
+def kill_actor() -> bool:
+    """SIGKILL one model actor: Ray titles it "ray::MapWorker(MapBatches(FeatureExtractor))..." (Linux /proc)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"FeatureExtractor" in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+                return True
+        except (OSError, ProcessLookupError):
+            continue
+    return False
+
+
+def final_check(study: Path) -> list[str]:
+    from lifelog_ray.extract import accounting
+
+    model_dir = study / "features" / "vgg19"
+    problems = reader_view(model_dir)
+    for layer, a in accounting(study, "vgg19", LAYERS).items():
+        if a["features"] != a["unique"]:
+            problems.append(f"{layer}: duplicates")
+        if a["manifest"] != a["features"] + a["rejects"]:
+            problems.append(f"{layer}: manifest {a['manifest']} != features {a['features']} + rejects {a['rejects']}")
+    if leftover_rows(model_dir):
+        problems.append("orphan rows left after a complete run")
+    if (model_dir / "_staging").exists():
+        problems.append("staging left after a complete run")
+    if list((study / "_leases").glob("extract*.json")):
+        problems.append("a lease left after a complete run")
+    return problems
+
+
+def soak(args: argparse.Namespace) -> dict:
+    from lifelog_ray.sample import write_sample
+
+    rng = random.Random(args.seed)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="lifelog-chaos-"))
+    lifelog, study = work / "lifelog", work / "study"
+    write_sample(lifelog, seed=args.seed, days=args.days, images_per_day=args.images_per_day, image_size=(96, 72))
+    cfg_file = work / "chaos.yaml"
+    cfg_file.write_text(f"extract:\n  unit_size: {args.unit_size}\n  batch_size: 4\nray:\n  progress_bars: false\n"
+                        f"storage:\n  lease_timeout_s: {args.lease_timeout}\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    base = ["--study", str(study), "--config", str(cfg_file), "--ray-address", "local"]
+    subprocess.run(cli("manifest", "--root", str(lifelog), "--labels", str(lifelog / "labels.csv"), *base),
+                   check=True, capture_output=True, env=env, timeout=300)
+    manifest = study / "manifest.parquet"
+    pristine = work / "manifest.parquet"
+    shutil.copy(manifest, pristine)
+    extract = cli("extract", "--weights", "none", "--image-size", str(args.image_size),
+                  "--layers", ",".join(LAYERS), *base)
+    model_dir = study / "features" / "vgg19"
+    stats = {"kills": {"driver": 0, "actor": 0}, "second_runs": {"refused": 0, "queued_and_finished": 0,
+                                                                 "ran_alone": 0},
+             "rounds": 0, "runs": 0, "wasted_images": 0, "problems": []}
+    t_start = time.time()
+    kills_left = args.kills
+    while True:
+        stats["rounds"] += 1
+        shutil.rmtree(study / "features", ignore_errors=True)
+        shutil.rmtree(study / "_leases", ignore_errors=True)
+        shutil.copy(pristine, manifest)
+        while True:  # one round: run, maybe kill, rerun, until a run completes
+            stats["runs"] += 1
+            proc = subprocess.Popen(extract, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            plan = None
+            if kills_left:
+                plan = {"what": "driver" if rng.random() < args.driver_share else "actor",
+                        "after_units": rng.randint(0, 2), "delay": rng.uniform(0, 2.0)}
+            second = rng.random() < args.second_run_share
+            killed = False
+            start_units = len(marked(model_dir)) if (model_dir / "_units").exists() else 0
+            deadline = time.time() + args.run_timeout
+            while proc.poll() is None and time.time() < deadline:
+                if second and (model_dir / "_staging").exists():  # a colleague's same command, mid-run
+                    second = False
+                    wait = rng.random() < 0.5
+                    other = subprocess.run(extract + (["--wait"] if wait else []), env=env, capture_output=True,
+                                           text=True, timeout=args.run_timeout)
+                    if other.returncode == 2 and "already running" in other.stderr:
+                        stats["second_runs"]["refused"] += 1
+                    elif other.returncode == 0 and wait:
+                        stats["second_runs"]["queued_and_finished"] += 1
+                    elif other.returncode == 0:
+                        stats["second_runs"]["ran_alone"] += 1  # the first had finished or died first
+                    else:
+                        stats["problems"].append(f"second run: exit {other.returncode}: {other.stderr[-500:]}")
+                if plan and (model_dir / "_staging").exists():
+                    n_units = len(marked(model_dir)) - start_units
+                    if n_units >= plan["after_units"]:
+                        time.sleep(plan["delay"])
+                        if proc.poll() is not None:
+                            break
+                        if plan["what"] == "driver":
+                            os.killpg(proc.pid, signal.SIGKILL)
+                            killed = True
+                        elif kill_actor():
+                            stats["kills"]["actor"] += 1
+                            kills_left -= 1
+                        plan = None
+                        if killed:
+                            break
+                time.sleep(0.05)
+            if proc.poll() is None and not killed:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                stats["problems"].append("a run exceeded --run-timeout")
+                return stats
+            proc.wait()
+            out = proc.stdout.read().decode(errors="replace")
+            if killed:
+                stats["kills"]["driver"] += 1
+                kills_left -= 1
+                time.sleep(0.5)  # the killed Ray's processes exit
+                stats["problems"] += [f"after a kill: {p}" for p in reader_view(model_dir)]
+                stats["wasted_images"] += leftover_rows(model_dir)
+                continue
+            if proc.returncode != 0:
+                stats["problems"].append(f"run exit {proc.returncode}: {out[-800:]}")
+                return stats
+            stats["problems"] += [f"round {stats['rounds']}: {p}" for p in final_check(study)]
+            break
+        if kills_left <= 0:
+            break
+    stats["images"] = int(__import__("pandas").read_parquet(pristine).shape[0])
+    stats["wall_s"] = round(time.time() - t_start, 1)
+    stats["exactly_once"] = not stats["problems"]
+    stats["kills_survived"] = stats["kills"]["driver"] + stats["kills"]["actor"]
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return stats
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kills", type=int, default=10)
+    ap.add_argument("--days", type=int, default=8)
+    ap.add_argument("--images-per-day", type=int, default=40)
+    ap.add_argument("--image-size", type=int, default=64, help="VGG input side: sets how long a run lasts")
+    ap.add_argument("--unit-size", type=int, default=8)
+    ap.add_argument("--driver-share", type=float, default=0.6, help="share of kills aimed at the driver")
+    ap.add_argument("--second-run-share", type=float, default=0.3, help="share of runs raced by a second run")
+    ap.add_argument("--lease-timeout", type=float, default=60.0)
+    ap.add_argument("--run-timeout", type=float, default=600.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", help="keep the lifelog and study here (default: a temp folder, removed)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "chaos.json"))
+    args = ap.parse_args()
+    stats = soak(args)
+    stats["args"] = vars(args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(stats, indent=1))
+    print(json.dumps({k: v for k, v in stats.items() if k != "args"}, indent=1))
+    return 0 if stats.get("exactly_once") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-dir", help="the folder relative paths in the config start from (default: the working "
                                       "directory); a local `ray job submit --working-dir .` passes \"$PWD\"")
     p.add_argument("--smoke-test", action="store_true", help="run on a tiny generated lifelog")
+    p.add_argument("--wait", action="store_true", help="if another run holds a stage of this study, wait for it "
+                                                       "instead of failing (as `lifelog-ray run --wait`)")
     p.add_argument("-v", "--verbose", action="store_true", help="the full log on the console (as `lifelog-ray -v`)")
     args = p.parse_args(argv)
     if not args.smoke_test and not args.config:
@@ -46,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.smoke_test:
                 cfg = smoke_config(Path(tempfile.mkdtemp(prefix="lifelog-smoke-")), quiet)
             else:
-                cfg = load_config(args.config, {"output.study": args.study, **quiet})
+                cfg = load_config(args.config, {"output.study": args.study, "storage.lease_wait": args.wait or None,
+                                                **quiet})
                 if args.base_dir:
                     if not Path(args.base_dir).is_dir():
                         raise LifelogError(f"--base-dir {args.base_dir}: not a directory")

@@ -58,11 +58,29 @@ class Backbone:
     taps: list[Tap] = field(default_factory=list)
 
 
-def keras_module():
-    """Keras 3 (as `tf.keras`) for inference: extraction and prediction."""
-    import tensorflow as tf
+BACKENDS = ("tensorflow", "jax")
 
+
+def keras_module():
+    """Keras 3 for inference (extraction, prediction, resolving weights): `tf.keras` where TensorFlow is
+    installed, else plain `keras` on the JAX backend (a GPU node may have no TensorFlow)."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        os.environ.setdefault("KERAS_BACKEND", "jax")
+        import keras
+
+        return keras
     return tf.keras
+
+
+def actor_env(backend: str) -> dict[str, str]:
+    """The environment a model actor of ``backend`` starts with (Ray runtime_env): Keras reads
+    KERAS_BACKEND once per process, so the backend is chosen per actor, not by the driver."""
+    if backend == "jax":
+        # JAX would take 75 % of the GPU's memory up front; the decoder and other actors need some.
+        return {"KERAS_BACKEND": "jax", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    return {"KERAS_BACKEND": "tensorflow"}
 
 
 def legacy_keras_module():
@@ -166,9 +184,9 @@ def _checked(model, spec: BackboneSpec):
     return model
 
 
-def build_backbone(spec: BackboneSpec, weights: list[np.ndarray] | None) -> Backbone:
+def build_backbone(spec: BackboneSpec, weights: list[np.ndarray] | None, keras: Any = None) -> Backbone:
     """A model with one output per requested tap, so all taps come from one forward pass."""
-    keras = keras_module()
+    keras = keras or keras_module()
     base = build_base(keras, spec, None)
     if weights is not None:
         base.set_weights(weights)
@@ -192,23 +210,27 @@ def _configure_tf_devices() -> None:
             pass
 
 
-class FeatureExtractor:
-    """Model stage: built once per actor; each call maps a decoded batch to one column per tap."""
-
-    def __init__(self, spec: BackboneSpec, weights: Any = None) -> None:
+def _keras_for(backend: str):
+    """This process's Keras 3, checked to run on ``backend`` (set by actor_env before the first import)."""
+    if backend == "tensorflow":
         _configure_tf_devices()
+        return keras_module()
+    os.environ.setdefault("KERAS_BACKEND", backend)
+    import keras
+
+    if keras.backend.backend() != backend:
+        raise LifelogError(f"extract.backend {backend}: this process's Keras already runs on "
+                           f"{keras.backend.backend()} (KERAS_BACKEND is read once per process)")
+    return keras
+
+
+class _TensorflowRuntime:
+    """The tapped model as one tf.function (uint8 in, float32 taps out), and the device ops GPU decode needs."""
+
+    def __init__(self, keras, model, spec: BackboneSpec) -> None:
         import tensorflow as tf
 
-        if weights is not None and type(weights).__name__ == "ObjectRef":
-            import ray
-
-            weights = ray.get(weights)
-        t0 = time.perf_counter()
-        self.spec = spec
-        self.backbone = build_backbone(spec, weights)
-        keras = keras_module()
-        model, name = self.backbone.model, spec.model
-        s = spec.image_size
+        self.tf, s, name = tf, spec.image_size, spec.model
 
         @tf.function(input_signature=[tf.TensorSpec([None, s, s, 3], tf.uint8)], reduce_retracing=True)
         def forward(images):
@@ -218,24 +240,149 @@ class FeatureExtractor:
             return [tf.reshape(tf.cast(o, tf.float32), [tf.shape(o)[0], -1]) for o in outs]
 
         self._forward = forward
-        log.info("built %s taps=%s in %.1fs", name, [t.layer for t in self.backbone.taps], time.perf_counter() - t0)
+
+    def forward(self, images) -> list[np.ndarray]:
+        return [o.numpy() for o in self._forward(images)]
+
+    def to_device(self, image):
+        if isinstance(image, np.ndarray):
+            return self.tf.convert_to_tensor(image)
+        return self.tf.experimental.dlpack.from_dlpack(image.__dlpack__())  # stays on the GPU
+
+    def resize(self, image, size: int):
+        out = self.tf.image.resize(image, (size, size), method="bilinear", antialias=True)
+        return self.tf.cast(self.tf.clip_by_value(self.tf.round(out), 0, 255), self.tf.uint8)
+
+    def stack(self, images: list):
+        return self.tf.stack(images)
+
+
+class _JaxRuntime:
+    """The tapped model as one jitted stateless call; batches are padded to one shape (no recompiles)."""
+
+    def __init__(self, keras, model, spec: BackboneSpec, pad_to: int | None) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        self.jax, self.jnp, self.pad_to, name = jax, jnp, pad_to, spec.model
+        trainable = [v.value for v in model.trainable_variables]
+        frozen = [v.value for v in model.non_trainable_variables]
+
+        @jax.jit
+        def forward(images):
+            x = preprocess(keras, name, images.astype(jnp.float32))
+            outs, _ = model.stateless_call(trainable, frozen, x, training=False)
+            outs = outs if isinstance(outs, (list, tuple)) else [outs]
+            return [o.reshape(o.shape[0], -1).astype(jnp.float32) for o in outs]
+
+        def _resize(image, size: int):
+            out = jax.image.resize(image.astype(jnp.float32), (size, size, image.shape[-1]), "linear", antialias=True)
+            return jnp.clip(jnp.round(out), 0, 255).astype(jnp.uint8)
+
+        self._forward = forward
+        self._resize = jax.jit(_resize, static_argnums=1)
+
+    def forward(self, images) -> list[np.ndarray]:
+        images = self.jnp.asarray(images)
+        n = images.shape[0]
+        if self.pad_to and n < self.pad_to:
+            images = self.jnp.concatenate([images, self.jnp.zeros((self.pad_to - n, *images.shape[1:]), images.dtype)])
+        return [np.asarray(o[:n]) for o in self._forward(images)]
+
+    def to_device(self, image):
+        if isinstance(image, np.ndarray):
+            return self.jnp.asarray(image)
+        return self.jax.dlpack.from_dlpack(image)  # stays on the GPU
+
+    def resize(self, image, size: int):
+        return self._resize(image, size)
+
+    def stack(self, images: list):
+        return self.jnp.stack(images)
+
+
+class FeatureExtractor:
+    """Model stage: built once per actor; each call maps a batch to one column per tap.
+
+    ``decode="cpu"``: the batch holds decoded ``image`` pixels (images.decoded_images). ``decode="gpu"``: it
+    holds file bytes (``data``, ``gpu_ok``, images.read_images); the actor decodes them on its GPU and
+    resizes there, and a file the GPU path refuses is decoded by the CPU decoder here, one by one, with the
+    CPU path's reject reasons. ``gpu_decoder``: a factory for the GPU decoder (default nvImageCodec).
+    """
+
+    def __init__(self, spec: BackboneSpec, weights: Any = None, backend: str = "tensorflow", decode: str = "cpu",
+                 max_pixels: int = 89_478_485, jpeg_draft: bool = True, pad_to: int | None = None,
+                 gpu_decoder: Any = None) -> None:
+        if backend not in BACKENDS:
+            raise LifelogError(f"extract.backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        if weights is not None and type(weights).__name__ == "ObjectRef":
+            import ray
+
+            weights = ray.get(weights)
+        t0 = time.perf_counter()
+        keras = _keras_for(backend)
+        self.spec, self.backend, self.decode = spec, backend, decode
+        self.max_pixels, self.jpeg_draft = max_pixels, jpeg_draft
+        self.backbone = build_backbone(spec, weights, keras)
+        self.runtime = (_TensorflowRuntime(keras, self.backbone.model, spec) if backend == "tensorflow"
+                        else _JaxRuntime(keras, self.backbone.model, spec, pad_to))
+        self.decoded = {"gpu": 0, "cpu": 0}  # images decoded on each side in this actor (decode=gpu)
+        self.gpu = None
+        if decode == "gpu":
+            from .gpu_decode import gpu_decoder as default_decoder
+
+            self.gpu = (gpu_decoder or default_decoder)()
+        log.info("built %s on %s (decode %s) taps=%s in %.1fs", spec.model, backend, decode,
+                 [t.layer for t in self.backbone.taps], time.perf_counter() - t0)
 
     @property
     def taps(self) -> list[Tap]:
         return self.backbone.taps
 
-    def features(self, images: np.ndarray) -> list[np.ndarray]:
-        return [o.numpy() for o in self._forward(images)]
+    def features(self, images) -> list[np.ndarray]:
+        return self.runtime.forward(images)
+
+    def _decode_here(self, batch: dict[str, np.ndarray]) -> tuple[Any, np.ndarray, np.ndarray]:
+        """decode=gpu: (device batch of the decoded images, error, error_detail) for the batch's rows."""
+        from .images import DecodeError, decode_image
+
+        size, n = self.spec.image_size, len(batch["image_id"])
+        errors = np.asarray(batch["error"]).astype(object)
+        details = np.asarray(batch["error_detail"]).astype(object)
+        data, gpu_ok = batch["data"], np.asarray(batch["gpu_ok"], dtype=bool)
+        to_gpu = [i for i in range(n) if errors[i] == "" and gpu_ok[i]]
+        images: dict[int, Any] = {}
+        refused = [i for i in range(n) if errors[i] == "" and not gpu_ok[i]]
+        for i, img in zip(to_gpu, self.gpu.decode([bytes(data[i]) for i in to_gpu]) if to_gpu else []):
+            shape = tuple(getattr(img, "shape", ()))
+            if img is None or len(shape) != 3 or shape[-1] != 3:
+                refused.append(i)
+            else:
+                images[i] = self.runtime.resize(self.runtime.to_device(img), size)
+        self.decoded["gpu"] += len(images)
+        for i in sorted(refused):  # the CPU path, file by file: the same pixels and the same rejects
+            try:
+                images[i] = self.runtime.to_device(decode_image(bytes(data[i]), size, self.max_pixels,
+                                                                self.jpeg_draft))
+                self.decoded["cpu"] += 1
+            except DecodeError as e:
+                errors[i], details[i] = e.reason, e.detail
+        ok = sorted(images)
+        return (self.runtime.stack([images[i] for i in ok]) if ok else None), errors, details
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image_id"])
+        if self.gpu is not None:
+            images, errors, details = self._decode_here(batch)
+            batch = {**batch, "error": errors.astype(str), "error_detail": details.astype(str)}
         ok = np.asarray(batch["error"]) == ""
+        if self.gpu is None and ok.any():
+            images = np.ascontiguousarray(batch["image"][ok])
         cols = {t.layer: np.zeros((n, t.width), dtype=np.float32) for t in self.taps}
         if ok.any():
-            outs = self.features(np.ascontiguousarray(batch["image"][ok]))
-            for t, o in zip(self.taps, outs):
+            for t, o in zip(self.taps, self.features(images)):
                 cols[t.layer][ok] = o
-        out = {k: v for k, v in batch.items() if k != "image"}  # pixels are not needed downstream
+        out = {k: v for k, v in batch.items() if k not in ("image", "data", "gpu_ok")}  # not needed downstream
         for layer, arr in cols.items():
             out[f"feat__{layer}"] = arr
         return out

@@ -127,6 +127,10 @@ EXTRACT_FLAGS: list[Flag] = [
     ("--precision", "extract.precision", {"choices": ["float32", "bfloat16", "float16"]}),
     ("--image-size", "extract.image_size", {"type": int, "help": "input side (224 for imagenet weights)"}),
     ("--num-actors", "extract.num_actors", {"type": int}),
+    ("--backend", "extract.backend", {"choices": ["tensorflow", "jax"],
+                                      "help": "Keras 3 backend of the model actors (default tensorflow)"}),
+    ("--decode", "extract.decode", {"choices": ["cpu", "gpu", "auto"],
+                                    "help": "decode JPEGs in CPU tasks, or on the model actors' GPUs (default auto)"}),
     ("--overwrite", "extract.overwrite", {"action": "store_true", "default": None}),
     WAIT,
 ]
@@ -243,10 +247,20 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="output name under STUDY/predictions/ (default: the input's name)")
 
 
+PREDICT_FLAGS: list[Flag] = [
+    ("--backend", "extract.backend", {"choices": ["tensorflow", "jax"],
+                                      "help": "Keras 3 backend for Approach-1 pipelines (fine-tuned ones run on "
+                                              "TensorFlow)"}),
+    ("--decode", "extract.decode", {"choices": ["cpu", "gpu", "auto"],
+                                    "help": "where Approach-1 pipelines decode JPEGs (default auto: as the study)"}),
+    WAIT,
+]
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import run_predict
 
-    cfg = config_from_args(args, [WAIT])
+    cfg = config_from_args(args, PREDICT_FLAGS)
     with console_of(args).stage("predict", cfg.study_dir, args.images):
         out, n, secs = run_predict(cfg, args.images, args.pipeline, args.name)
     say(args, f"predict: {n} images labelled in {secs}s -> {out} (partitioned by day)")
@@ -326,7 +340,7 @@ COMMANDS: list[Command] = [
     Command("report", "write the self-contained HTML report of a study", cmd_report),
     Command("run", "the whole study: manifest -> extract -> classify -> finetune -> report (resumable)", cmd_run,
             RUN_FLAGS, _run_arguments),
-    Command("predict", "label new lifelog images with the study's best pipeline", cmd_predict, [WAIT],
+    Command("predict", "label new lifelog images with the study's best pipeline", cmd_predict, PREDICT_FLAGS,
             arguments=_predict_arguments),
     Command("audit", "rank likely mislabelled images (out-of-fold probabilities + cleanlab)", cmd_audit, [WAIT],
             arguments=_audit_arguments),

@@ -69,6 +69,12 @@ class ExtractConfig(_Section):
     image_size: int = Field(224, ge=32)
     batch_size: int = Field(32, ge=1)
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Keras 3's backend in the model actors (chosen per actor: the driver may run another, or no TensorFlow).
+    backend: Literal["tensorflow", "jax"] = "tensorflow"
+    # Where JPEGs are decoded: cpu (Ray tasks, PIL), gpu (in the model actor, nvJPEG via nvImageCodec; a file
+    # it refuses falls back to the CPU decoder there), auto (gpu when the actors get a GPU with a usable
+    # decoder, else cpu; a study already extracted one way stays that way).
+    decode: Literal["cpu", "gpu", "auto"] = "auto"
     num_actors: int | None = Field(None, ge=1)  # None: one per GPU, else one per 2 CPUs
     cpus_per_actor: float = Field(1.0, gt=0)
     jpeg_draft: bool = True  # decode big JPEGs at a reduced DCT scale before the resize (much faster)

@@ -28,10 +28,10 @@ import pandas as pd
 import pyarrow as pa
 
 from . import progress, storage
-from .backbones import BackboneSpec, FeatureExtractor, resolve_weights, tap_widths
-from .config import StudyConfig, write_resolved
+from .backbones import BackboneSpec, FeatureExtractor, actor_env, resolve_weights, tap_widths
+from .config import ExtractConfig, StudyConfig, write_resolved
 from .errors import LifelogError
-from .images import decoded_images
+from .images import decoded_images, read_images
 from .lease import Lease, holding, stage_lease
 from .rejects import normalize_rejects, read_rejects, replace_stage_rejects
 
@@ -190,21 +190,73 @@ def plan_units(pending: pd.DataFrame, unit_size: int) -> pd.DataFrame:
     return pending
 
 
-def _check_signature(model_dir: Path, spec: BackboneSpec) -> None:
+def _check_signature(model_dir: Path, spec: BackboneSpec, backend: str) -> dict:
+    """Refuse features made another way; returns the study's signature (written here on the first run).
+    A study from before backends and GPU decode was extracted on TensorFlow with CPU decode."""
     sig_path = model_dir / "_extract.json"
     sig = {"model": spec.model, "weights": spec.weights, "image_size": spec.image_size, "seed": spec.seed,
-           "precision": spec.precision}
+           "precision": spec.precision, "backend": backend}
     if sig_path.exists():
         old = json.loads(sig_path.read_text("utf-8"))
-        old_layers = old.pop("layers", [])
-        if old != sig or not set(spec.layers) <= set(old_layers):
+        if "backend" not in old:
+            old.setdefault("decode", "cpu")
+        recorded = {**old, "backend": old.get("backend", "tensorflow")}
+        mine = {k: recorded.get(k) for k in sig}
+        if mine != sig or not set(spec.layers) <= set(recorded.get("layers", [])):
             raise LifelogError(
-                f"{model_dir} holds features made with {old} layers={old_layers}; this run asks for {sig} "
-                f"layers={list(spec.layers)}. Use --overwrite to start over, or another study directory"
+                f"{model_dir} holds features made with {mine} layers={recorded.get('layers', [])}; this run asks for "
+                f"{sig} layers={list(spec.layers)}. Use --overwrite to start over, or another study directory"
             )
-        return
+        return recorded
     model_dir.mkdir(parents=True, exist_ok=True)
     storage.write_text_atomic(json.dumps({**sig, "layers": list(spec.layers)}, indent=1), sig_path)
+    return {**sig, "layers": list(spec.layers)}
+
+
+def _gpu_decode_usable(timeout_s: float = 120.0) -> tuple[bool, str]:
+    """Ask a GPU node, not the driver (a CPU-only head is the normal case), whether it can decode on its GPU."""
+    import ray
+
+    from .gpu_decode import probe
+
+    try:
+        return ray.get(ray.remote(num_gpus=1, num_cpus=0)(probe).remote(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        return False, f"no GPU node answered within {timeout_s:g}s"
+
+
+def resolve_decode(requested: str, recorded: str | None, gpus: float) -> str:
+    """cpu | gpu for this run: ``requested`` (cpu | gpu | auto), the study's ``recorded`` decode (None for a
+    new study) and the cluster's GPUs. A one-line error, before any image is read, when it cannot be had."""
+    if requested == "auto" and recorded == "cpu":
+        return "cpu"  # a study extracted on CPUs stays so: its features would differ slightly otherwise
+    if requested == "cpu":
+        return "cpu"
+    if gpus < 1:
+        if requested == "gpu" or recorded == "gpu":
+            raise LifelogError("extract.decode gpu: the Ray cluster has no GPU (decoding happens on the model "
+                               "actors' GPUs); use --decode cpu, or run on a cluster with GPU nodes")
+        return "cpu"
+    ok, why = _gpu_decode_usable()
+    if ok:
+        return "gpu"
+    if requested == "gpu" or recorded == "gpu":
+        raise LifelogError(f"extract.decode gpu: the GPU nodes cannot decode JPEGs ({why}); install the gpu or "
+                           f"gpu-jax extra there (nvImageCodec), or use --decode cpu")
+    log.info("decode auto: the GPU decoder is not usable (%s); decoding on CPUs", why)
+    return "cpu"
+
+
+def settle_decode(model_dir: Path, signature: dict, requested: str, gpus: float) -> str:
+    """The run's decode path, recorded in _extract.json on first use; a run that would mix is refused."""
+    recorded = signature.get("decode")
+    decode = resolve_decode(requested, recorded, gpus)
+    if recorded is not None and decode != recorded:
+        raise LifelogError(f"{model_dir} holds features decoded on the {recorded.upper()}; this run would decode on "
+                           f"the {decode.upper()}. Use --decode {recorded}, --overwrite, or another study directory")
+    if recorded is None:
+        storage.write_text_atomic(json.dumps({**signature, "decode": decode}, indent=1), model_dir / "_extract.json")
+    return decode
 
 
 def spec_for(cfg: StudyConfig, model: str) -> BackboneSpec:
@@ -212,9 +264,31 @@ def spec_for(cfg: StudyConfig, model: str) -> BackboneSpec:
     return BackboneSpec(model, tuple(e.layers), e.weights, e.image_size, e.seed, e.precision)
 
 
+def model_stage(rows: pd.DataFrame, spec: BackboneSpec, weights: list[np.ndarray], e: ExtractConfig, decode: str,
+                n_actors: int, use_gpu: bool, options: dict | None):
+    """Images -> tap columns: CPU decode tasks then the model actors, or (decode gpu) read tasks then
+    actors that decode on their GPU. The one chain of extract and predict."""
+    import ray
+
+    if decode == "gpu":
+        ds = read_images(rows, e.max_image_pixels, e.batch_size, options)
+    else:
+        ds = decoded_images(rows, e.image_size, e.max_image_pixels, e.batch_size, e.jpeg_draft, options)
+    remote = {"runtime_env": {"env_vars": actor_env(e.backend)}} if e.backend != "tensorflow" else {}
+    # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a dead actor is replaced
+    # and its batch redone.
+    return ds.map_batches(
+        FeatureExtractor, fn_constructor_kwargs={
+            "spec": spec, "weights": ray.put(weights), "backend": e.backend, "decode": decode,
+            "max_pixels": e.max_image_pixels, "jpeg_draft": e.jpeg_draft, "pad_to": e.batch_size},
+        batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(size=n_actors),
+        num_gpus=1 if use_gpu else 0, num_cpus=e.cpus_per_actor, batch_format="numpy", **remote,
+    )
+
+
 def feature_dataset(cfg: StudyConfig, spec: BackboneSpec, rows: pd.DataFrame, staging: Path,
-                    weights: list[np.ndarray]):
-    """The Ray chain: decode tasks -> VGG actor pool -> shard writers; one output row per written part."""
+                    weights: list[np.ndarray], decode: str = "cpu"):
+    """The Ray chain: decode -> VGG actor pool -> shard writers; one output row per written part."""
     import ray
 
     from .runtime import cluster_resources, ensure_ray
@@ -224,14 +298,8 @@ def feature_dataset(cfg: StudyConfig, spec: BackboneSpec, rows: pd.DataFrame, st
     cpus, gpus = cluster_resources()
     use_gpu = gpus >= 1
     n_actors = e.num_actors or (int(gpus) if use_gpu else max(1, int(cpus // 2)))
-    ds = decoded_images(rows, e.image_size, e.max_image_pixels, e.batch_size, e.jpeg_draft, cfg.storage.options)
-    # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a dead actor is replaced
-    # and its batch redone. The writer is idempotent (a part's name is the hash of its image ids).
-    ds = ds.map_batches(
-        FeatureExtractor, fn_constructor_kwargs={"spec": spec, "weights": ray.put(weights)},
-        batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(size=n_actors),
-        num_gpus=1 if use_gpu else 0, num_cpus=e.cpus_per_actor, batch_format="numpy",
-    )
+    ds = model_stage(rows, spec, weights, e, decode, n_actors, use_gpu, cfg.storage.options)
+    # The writer is idempotent (a part's name is the hash of its image ids).
     return ds.map_batches(
         ShardWriter, fn_constructor_kwargs={"staging": staging, "layers": list(spec.layers)},
         batch_size=e.unit_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors), num_cpus=0.25,
@@ -286,7 +354,7 @@ def _extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | Non
     model_dir = cfg.study_dir / "features" / model
     if e.overwrite:
         storage.rmtree(model_dir)
-    _check_signature(model_dir, spec)
+    signature = _check_signature(model_dir, spec, e.backend)
     ledger = UnitLedger(model_dir)
     removed = ledger.remove_orphans(list(spec.layers))
     if removed:
@@ -300,12 +368,16 @@ def _extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | Non
     t0 = time.perf_counter()  # the run's time includes resolving weights and starting Ray, as it always has
     if weights is None:
         weights = resolve_weights(spec)  # before any Ray work: a missing weights file fails here
+    from .runtime import cluster_resources, ensure_ray
+
+    ensure_ray(cfg.ray)
+    decode = settle_decode(model_dir, signature, e.decode, cluster_resources()[1])  # before any image is read
     pending = plan_units(pending, e.unit_size)
     staging = ledger.staging / uuid.uuid4().hex[:12]  # this run's: a dead run's staging is never reused
     tracker = UnitTracker(ledger, pending, model, list(spec.layers), staging, lease)
     rows = pending[["image_id", "path", "label", "split", "day", "unit"]].astype(str)
-    for batch in feature_dataset(cfg, spec, rows, staging, weights).iter_batches(batch_size=None,
-                                                                                 batch_format="pandas"):
+    for batch in feature_dataset(cfg, spec, rows, staging, weights, decode).iter_batches(batch_size=None,
+                                                                                         batch_format="pandas"):
         if not summary.first_output_s:
             summary.first_output_s = time.perf_counter() - t0
             summary.first_output_rows = int(batch["n_ok"].sum()) + sum(len(json.loads(r)) for r in batch["rejects"])

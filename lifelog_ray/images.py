@@ -135,10 +135,49 @@ def decoded_images(rows: pd.DataFrame, size: int, max_pixels: int, batch_size: i
     `error` and `error_detail` ("" when decoded). Blocks hold a few model batches, so the elastic CPU
     decode tasks stream ahead of the model stage without a big backlog.
     """
-    import ray
-
-    step = 4 * batch_size
-    ds = ray.data.from_pandas([rows.iloc[i: i + step] for i in range(0, len(rows), step)])
+    ds = image_rows(rows, batch_size)
     return ds.map_batches(decode_batch, fn_kwargs={"size": size, "max_pixels": max_pixels, "jpeg_draft": jpeg_draft,
                                                    "options": options},
                           batch_size=batch_size, num_cpus=0.5, batch_format="numpy")
+
+
+def read_batch(batch: dict[str, np.ndarray], max_pixels: int, options: Options | None = None) -> dict:
+    """Read stage of ``extract.decode: gpu``: each row gains its file's bytes (``data``), whether the GPU
+    decoder can take it (``gpu_ok``, from the JPEG header) and ``error``/``error_detail`` for a file that
+    cannot be read. Decoding happens in the model actor."""
+    from .gpu_decode import jpeg_gpu_ok
+
+    paths = batch["path"]
+    n = len(paths)
+    data = np.empty(n, dtype=object)
+    gpu_ok = np.zeros(n, dtype=bool)
+    errors = np.full(n, "", dtype=object)
+    details = np.full(n, "", dtype=object)
+    for i, p in enumerate(paths):
+        data[i] = b""
+        try:
+            data[i] = storage.read_bytes(str(p), options)
+            gpu_ok[i] = jpeg_gpu_ok(data[i], max_pixels)
+        except FileNotFoundError:
+            errors[i], details[i] = "missing_file", f"{p} no longer exists"
+        except OSError as e:
+            errors[i], details[i] = "unreadable", f"{type(e).__name__}: {e}"
+    out = {k: v for k, v in batch.items()}
+    out["data"], out["gpu_ok"] = data, gpu_ok
+    out["error"], out["error_detail"] = errors.astype(str), details.astype(str)
+    return out
+
+
+def image_rows(rows: pd.DataFrame, batch_size: int):
+    """Manifest rows -> a Ray Dataset in blocks of a few model batches (the streaming unit of every chain)."""
+    import ray
+
+    step = 4 * batch_size
+    return ray.data.from_pandas([rows.iloc[i: i + step] for i in range(0, len(rows), step)])
+
+
+def read_images(rows: pd.DataFrame, max_pixels: int, batch_size: int, options: Options | None = None):
+    """Manifest rows -> a streaming Ray Dataset of file bytes, for a model stage that decodes on its GPU."""
+    return image_rows(rows, batch_size).map_batches(
+        read_batch, fn_kwargs={"max_pixels": max_pixels, "options": options}, batch_size=batch_size,
+        num_cpus=0.25, batch_format="numpy")

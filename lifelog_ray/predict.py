@@ -16,10 +16,11 @@ import numpy as np
 import pandas as pd
 
 from . import storage
-from .backbones import BackboneSpec, FeatureExtractor, resolve_weights
+from .backbones import BackboneSpec, resolve_weights
 from .classify.persist import pipeline_dir
 from .config import StudyConfig
 from .errors import LifelogError
+from .extract import model_stage, resolve_decode
 from .images import decoded_images
 from .ingest import day_of, derive_image_id, scan_images, timestamp_from_exif, timestamp_from_name
 from .lease import leased
@@ -239,16 +240,17 @@ def run_predict(cfg: StudyConfig, images: str, which: str = "auto", name: str | 
     ensure_ray(cfg.ray)
     _, gpus = cluster_resources()
     t0 = time.perf_counter()
-    ds = decoded_images(rows, size, e.max_image_pixels, e.batch_size, e.jpeg_draft, cfg.storage.options)
     n_actors = e.num_actors or max(1, int(gpus) or 1)
     if choice.approach == 1:
-        ds = ds.map_batches(FeatureExtractor, fn_constructor_kwargs={"spec": spec, "weights": ray.put(weights)},
-                            batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(size=n_actors),
-                            num_gpus=1 if gpus >= 1 else 0, num_cpus=e.cpus_per_actor, batch_format="numpy")
+        # The study's decode path where it can be had (features decoded the same way as the training ones).
+        decode = resolve_decode(e.decode, sig.get("decode", "cpu") if e.decode == "auto" else None, gpus)
+        pe = e.model_copy(update={"image_size": size})
+        ds = model_stage(rows, spec, weights, pe, decode, n_actors, gpus >= 1, cfg.storage.options)
         ds = ds.map_batches(PipelineClassifier, fn_constructor_kwargs={
             "study": study, "model": choice.model, "layer": layer, "classifier": clf},
             batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25, batch_format="numpy")
-    else:
+    else:  # fine-tuned pipelines run on tf-keras, with CPU decode
+        ds = decoded_images(rows, size, e.max_image_pixels, e.batch_size, e.jpeg_draft, cfg.storage.options)
         ds = ds.map_batches(FinetunedClassifier, fn_constructor_kwargs={
             "model_path": study / "finetune" / choice.model / choice.variant / "model.keras",
             "model_name": choice.model, "classes": meta["classes"]},

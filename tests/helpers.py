@@ -66,3 +66,22 @@ def study_config(root: Path, study: Path):
         "finetune.weights": "none", "finetune.image_size": 32, "finetune.epochs": 1, "finetune.m3_units": 16,
         "ray.progress_bars": False,
     })
+
+
+def assert_whole_units(model_dir, layer: str, options: dict | None = None) -> None:
+    """What `pd.read_parquet` of a layer folder returns is whole units: exactly the marked units' rows, plus
+    at most one unmarked file (a kill between a unit's publication and its marker: whole, redone by the rerun)."""
+    import json
+
+    from lifelog_ray import storage
+
+    markers = [json.loads(b) for b in storage.read_many(list(storage.files(model_dir / "_units", (".json",))))]
+    marked = sorted(i for m in markers for i in m["image_ids"] if i not in {r["image_id"] for r in m["rejects"]})
+    listed = {p for m in markers for p in m["parts"]}
+    files = list(storage.files(model_dir / layer, (".parquet",)))
+    unmarked = [f for f in files if f.stem not in listed]
+    assert len(unmarked) <= 1, f"{layer}: {len(unmarked)} files of units never marked done"
+    extra = sorted(storage.read_parquet(unmarked[0], ["image_id"])["image_id"]) if unmarked else []
+    target = str(model_dir / layer) if options is None else f"{model_dir.protocol}://{model_dir.path}/{layer}"
+    seen = pd.read_parquet(target, columns=["image_id"], storage_options=(options or {}).get("s3"))
+    assert sorted(seen["image_id"]) == sorted(marked + extra), f"{layer}: rows of an unfinished unit, or lost rows"

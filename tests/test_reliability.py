@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pytest
-from helpers import LAYERS, extract_config, make_study
+from helpers import LAYERS, assert_whole_units, extract_config, make_study
 
 from lifelog_ray import storage
 from lifelog_ray.extract import accounting, read_features, run_extract
@@ -88,6 +88,10 @@ def test_driver_killed_then_rerun_resumes_with_less_work(tmp_path, sample_lifelo
     proc.wait()
     done_before = len(list(units.glob("*.json")))
     assert done_before >= 2
+    # a plain reader of a layer folder sees whole units only: the marked ones (and, had the kill fallen
+    # between a unit's publication and its marker, that one whole unit), nothing of unfinished units
+    for layer in ("fc2", "predictions"):
+        assert_whole_units(study / "features" / "vgg19", layer)
     out = subprocess.run(extract, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("extract vgg19:")][0]

@@ -88,15 +88,18 @@ class NvImageCodecDecoder:
 
         kinds = [nvimgcodec.BackendKind.HW_GPU_ONLY, nvimgcodec.BackendKind.GPU_ONLY,
                  nvimgcodec.BackendKind.HYBRID_CPU_GPU]
+        self._nv = nvimgcodec
         self._decoder = nvimgcodec.Decoder(device_id=device_id, backends=[nvimgcodec.Backend(k) for k in kinds])
-        self._params = nvimgcodec.DecodeParams(color_spec=nvimgcodec.ColorSpec.RGB, allow_any_depth=False,
-                                               apply_exif_orientation=False)
+        # interleaved 8-bit RGB whatever the file holds (grey too), as the CPU path's convert("RGB")
+        self._params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
+                                               allow_any_depth=False, sample_format=nvimgcodec.SampleFormat.I_RGB)
 
     def decode(self, files: list[bytes]) -> list[Any | None]:
+        """One nvimgcodec.Image (on the GPU, DLPack-capable, shape (H, W, 3)) or None per file."""
         if not files:
             return []
         try:
-            return list(self._decoder.decode(files, params=self._params))
+            return list(self._decoder.decode([self._nv.CodeStream(f) for f in files], params=self._params))
         except Exception as e:  # noqa: BLE001 - a batch-level failure: every file goes to the CPU decoder
             log.warning("nvImageCodec failed on a batch of %d files (%s); decoding them on the CPU", len(files), e)
             return [None] * len(files)

@@ -79,6 +79,14 @@ def leftover_rows(model_dir: Path) -> int:
     return n
 
 
+def holds_lease(study: Path, pid: int) -> bool:
+    """Has the run ``pid`` taken the extract lease (so it is past start-up and owns the study)?"""
+    try:
+        return json.loads((study / "_leases" / "extract-vgg19.json").read_text()).get("pid") == pid
+    except (OSError, ValueError):
+        return False
+
+
 def kill_actor() -> bool:
     """SIGKILL one model actor: Ray titles it "ray::MapWorker(MapBatches(FeatureExtractor))..." (Linux /proc)."""
     for proc in Path("/proc").glob("[0-9]*"):
@@ -132,7 +140,7 @@ def soak(args: argparse.Namespace) -> dict:
     model_dir = study / "features" / "vgg19"
     stats = {"kills": {"driver": 0, "actor": 0}, "second_runs": {"refused": 0, "queued_and_finished": 0,
                                                                  "ran_alone": 0},
-             "rounds": 0, "runs": 0, "wasted_images": 0, "problems": []}
+             "rounds": 0, "runs": 0, "wasted_images": 0, "problems": [], "events": []}
     t_start = time.time()
     kills_left = args.kills
     while True:
@@ -144,6 +152,7 @@ def soak(args: argparse.Namespace) -> dict:
             stats["runs"] += 1
             proc = subprocess.Popen(extract, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     start_new_session=True)
+            stats["events"].append(f"{time.time() - t_start:7.1f}s round {stats['rounds']}: run pid {proc.pid}")
             plan = None
             if kills_left:
                 plan = {"what": "driver" if rng.random() < args.driver_share else "actor",
@@ -153,11 +162,14 @@ def soak(args: argparse.Namespace) -> dict:
             start_units = len(marked(model_dir)) if (model_dir / "_units").exists() else 0
             deadline = time.time() + args.run_timeout
             while proc.poll() is None and time.time() < deadline:
-                if second and (model_dir / "_staging").exists():  # a colleague's same command, mid-run
+                started = holds_lease(study, proc.pid)
+                if second and started:  # a colleague's same command, while this one holds the study
                     second = False
                     wait = rng.random() < 0.5
                     other = subprocess.run(extract + (["--wait"] if wait else []), env=env, capture_output=True,
                                            text=True, timeout=args.run_timeout)
+                    stats["events"].append(f"{time.time() - t_start:7.1f}s   second run{' --wait' if wait else ''}: "
+                                           f"exit {other.returncode}")
                     if other.returncode == 2 and "already running" in other.stderr:
                         stats["second_runs"]["refused"] += 1
                     elif other.returncode == 0 and wait:
@@ -166,12 +178,13 @@ def soak(args: argparse.Namespace) -> dict:
                         stats["second_runs"]["ran_alone"] += 1  # the first had finished or died first
                     else:
                         stats["problems"].append(f"second run: exit {other.returncode}: {other.stderr[-500:]}")
-                if plan and (model_dir / "_staging").exists():
+                if plan and started:
                     n_units = len(marked(model_dir)) - start_units
                     if n_units >= plan["after_units"]:
                         time.sleep(plan["delay"])
                         if proc.poll() is not None:
                             break
+                        stats["events"].append(f"{time.time() - t_start:7.1f}s   kill {plan['what']}")
                         if plan["what"] == "driver":
                             os.killpg(proc.pid, signal.SIGKILL)
                             killed = True

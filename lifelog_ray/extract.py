@@ -349,6 +349,8 @@ def extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | None
 
 
 def _extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | None, lease: Lease) -> ExtractSummary:
+    from .runtime import cluster_resources, ensure_ray
+
     e = cfg.extract
     spec = spec_for(cfg, model)
     model_dir = cfg.study_dir / "features" / model
@@ -368,8 +370,6 @@ def _extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | Non
     t0 = time.perf_counter()  # the run's time includes resolving weights and starting Ray, as it always has
     if weights is None:
         weights = resolve_weights(spec)  # before any Ray work: a missing weights file fails here
-    from .runtime import cluster_resources, ensure_ray
-
     ensure_ray(cfg.ray)
     decode = settle_decode(model_dir, signature, e.decode, cluster_resources()[1])  # before any image is read
     pending = plan_units(pending, e.unit_size)

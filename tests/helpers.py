@@ -85,3 +85,34 @@ def assert_whole_units(model_dir, layer: str, options: dict | None = None) -> No
     target = str(model_dir / layer) if options is None else f"{model_dir.protocol}://{model_dir.path}/{layer}"
     seen = pd.read_parquet(target, columns=["image_id"], storage_options=(options or {}).get("s3"))
     assert sorted(seen["image_id"]) == sorted(marked + extra), f"{layer}: rows of an unfinished unit, or lost rows"
+
+
+def bad_corpus(root: Path) -> list[tuple[str, str, str | None]]:
+    """(relative path, label, expected reject reason or None when it must be processed)."""
+    d = root / "2016-08-16"
+    d.mkdir(parents=True, exist_ok=True)
+    base = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    out = []
+
+    def add(name, writer, reason):
+        writer(d / name)
+        out.append((f"2016-08-16/{name}", "walking", reason))
+
+    add("20160816_100000_000.jpg", lambda p: p.write_bytes(b""), "empty_file")
+    Image.fromarray(base).save(d / "full.jpg")
+    add("20160816_100010_000.jpg", lambda p: p.write_bytes((d / "full.jpg").read_bytes()[:300]), "truncated")
+    (d / "full.jpg").unlink()
+    add("20160816_100020_000.jpg", lambda p: p.write_text("not an image"), "not_an_image")
+    add("20160816_100030_000.png", lambda p: Image.new("RGB", (300, 300)).save(p), "decompression_bomb")
+    add("20160816_100040_000.jpg", lambda p: Image.fromarray(base[..., 0]).save(p), None)  # grayscale
+    add("20160816_100050_000.png", lambda p: Image.fromarray(base).convert("P").save(p), None)  # palette
+    add("20160816_100100_000.png", lambda p: Image.fromarray(base).convert("RGBA").save(p), None)
+    add("20160816_100110_000.jpg", lambda p: Image.fromarray(base).convert("CMYK").save(p), None)
+    add("20160816_100120_000.png",
+        lambda p: Image.fromarray(base[..., 0].astype(np.uint16) * 257).save(p), None)  # 16-bit
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90
+    add("20160816_100130_000.jpg", lambda p: Image.fromarray(base).save(p, exif=exif.tobytes()), None)
+    add("20160816_100140_000.tif", lambda p: Image.fromarray(base).save(
+        p, save_all=True, append_images=[Image.fromarray(base[::-1])]), None)  # multi-page TIFF
+    return out

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import LAYERS, SIZE, extract_config, make_study
+from helpers import LAYERS, SIZE, bad_corpus, extract_config, make_study
 from PIL import Image
-from test_extract import bad_corpus
 
 from lifelog_ray import cli
 from lifelog_ray.backbones import BackboneSpec, FeatureExtractor, resolve_weights

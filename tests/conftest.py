@@ -57,9 +57,10 @@ def local_study(tmp_path_factory, sample_lifelog, ray_local):
     return cfg, run_study(cfg)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3():
-    """A real S3 HTTP API on 127.0.0.1 (moto), a bucket `lifelog`, and the options that reach it."""
+    """A real S3 HTTP API on 127.0.0.1 (moto), a bucket `lifelog`, and the options that reach it. One per
+    session: moto keeps its buckets in process-wide state, so a second server would see the first's."""
     import logging
 
     import s3fs
@@ -72,6 +73,7 @@ def s3():
     # The test server takes any key; real credentials come from the environment or the instance profile.
     options = {"s3": {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}}
     fs = s3fs.S3FileSystem(**options["s3"])
-    fs.mkdir("lifelog")
+    if not fs.exists("lifelog"):
+        fs.mkdir("lifelog")
     yield fs, options
     server.stop()

@@ -2,9 +2,10 @@
 the GPU, and the CPU decoder for every file the GPU path refuses, so rejects stay the CPU path's.
 
 The CPU read tasks only read bytes and look at the JPEG header (`jpeg_gpu_ok`): baseline or extended
-Huffman JPEG, 1 or 3 components, no EXIF rotation, under the pixel limit. Everything else (progressive,
-CMYK, PNG, a rotated frame, a bomb, a corrupt header) and every file the GPU decoder fails on is decoded
-by `images.decode_image` in the actor, one by one, exactly as with `extract.decode: cpu`.
+Huffman JPEG, 1 or 3 components, no EXIF rotation, under the pixel limit, ending in its end-of-image
+marker. Everything else (progressive, CMYK, PNG, a rotated frame, a bomb, a corrupt header, a file cut
+short) and every file the GPU decoder fails on is decoded by `images.decode_image` in the actor, one by
+one, exactly as with `extract.decode: cpu`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ _SOF_ANY = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # every start-of-frame m
 def jpeg_gpu_ok(data: bytes, max_pixels: int) -> bool:
     """True when the GPU decoder can take this file and give what the CPU path gives (checked on the header)."""
     if len(data) < 4 or data[:2] != b"\xff\xd8":
+        return False
+    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        # cut short (or trailed by other data): PIL rejects a truncated scan, while nvJPEG may fill it in
+        # and return an image; the CPU decoder gives such a file its reject reason
         return False
     i, n = 2, len(data)
     while i + 4 <= n:

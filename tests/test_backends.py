@@ -19,7 +19,7 @@ from lifelog_ray.backbones import BackboneSpec, FeatureExtractor, resolve_weight
 from lifelog_ray.errors import LifelogError
 from lifelog_ray.extract import read_features, resolve_decode, run_extract, settle_decode
 from lifelog_ray.gpu_decode import jpeg_gpu_ok
-from lifelog_ray.images import decode_batch, decode_image, read_batch
+from lifelog_ray.images import DecodeError, decode_batch, decode_image, read_batch
 from lifelog_ray.ingest import build_manifest
 
 
@@ -149,10 +149,15 @@ def test_the_jpeg_header_check_sends_only_what_the_gpu_path_decodes_like_the_cpu
         "over the pixel limit": _jpeg(rgb),
         "png": (lambda b: (Image.fromarray(rgb).save(b, "PNG"), b.getvalue())[1])(io.BytesIO()),
         "truncated header": _jpeg(rgb)[:20],
+        "cut short in the scan": _jpeg(rgb)[:-200],
         "empty": b"",
     }
     for what, data in refused.items():
         assert not jpeg_gpu_ok(data, 1000 if what == "over the pixel limit" else 10**8), what
+    # a whole header but a scan cut short: the CPU decoder rejects it, so the GPU decoder must never see it
+    with pytest.raises(DecodeError, match="truncated"):
+        decode_image(refused["cut short in the scan"], SIZE, 10**8)
+    assert jpeg_gpu_ok(_jpeg(rgb) + b"\x00" * 16, 10**8)  # zero padding after the end marker is harmless
 
 
 def test_gpu_decode_falls_back_to_the_cpu_decoder_with_the_same_rejects(tmp_path):

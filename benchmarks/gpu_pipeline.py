@@ -9,7 +9,8 @@ c. model-only img/s per Keras backend (each in its own process: KERAS_BACKEND is
    and mixed bf16/fp16, four taps in one pass, from pixels already on the device's host;
 d. `run_extract` (what `lifelog-ray extract` runs) through Ray on --images JPEGs on the node's disk, with
    decode=cpu and decode=gpu, steady state = images after the first output / time after the first output;
-e. GPU utilisation during d (nvidia-smi, every 0.5 s), mean over the steady state.
+e. GPU utilisation during d (nvidia-smi, every 0.5 s), mean over the steady state;
+and how close fc2 features of the same images are between the two decode paths (d_fidelity_fc2).
 Writes benchmarks/results/gpu_pipeline.json (or --out). Weights are a seeded random init (--weights none):
 throughput does not depend on their values.
 """
@@ -96,11 +97,10 @@ def part_model(backend: str, size: int, batch: int, n: int) -> dict:
         out["gpu_decode"] = f"not measured: {type(e).__name__}: {e}"
         return out
     data = jpegs(batch * 4)
-    rt = ex.runtime
 
     def decode_resize(files):
         imgs = dec.decode(files)
-        batch_dev = rt.stack([rt.resize(rt.to_device(i), size) for i in imgs])
+        batch_dev = ex.squash(imgs)  # what the model actor does with a batch the GPU decoded
         np.asarray(batch_dev[:1])  # wait for the device
         return len(imgs)
 
@@ -150,6 +150,10 @@ def part_pipeline(work: Path, n: int, size: int, batch: int, decode: str, backen
     steady_from = t_start + s.first_output_s
     util = [u for t, u in samples if t >= steady_from]
     done = s.processed + s.rejected
+    from lifelog_ray.extract import read_features
+
+    fc2 = read_features(work / "study", "vgg19", "fc2").to_pandas().sort_values("image_id").head(512)
+    np.save(work / f"fc2_{decode}.npy", np.stack(fc2["features"]))  # for the cpu-vs-gpu fidelity check
     return {"decode": decode, "backend": backend, "images": done, "seconds": round(s.seconds, 1),
             "first_output_s": round(s.first_output_s, 1),
             "steady_img_s": round((done - s.first_output_rows) / max(s.seconds - s.first_output_s, 1e-9), 1),
@@ -223,6 +227,13 @@ def main() -> int:
                                                       args.pipeline_backend)
         except Exception as e:  # noqa: BLE001 - record it and go on with the other path
             res["d_pipeline"][decode] = f"failed: {type(e).__name__}: {e}"
+    if all((work / f"fc2_{d}.npy").exists() for d in ("cpu", "gpu")):
+        # the same 512 images decoded both ways (PIL with its DCT draft vs nvJPEG + the device squash): the
+        # features should be close, not equal; a far-off figure means a decode or stream-ordering bug
+        a, b = np.load(work / "fc2_gpu.npy"), np.load(work / "fc2_cpu.npy")
+        cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+        res["d_fidelity_fc2"] = {"max_abs_over_max": round(float(np.abs(a - b).max() / np.abs(b).max()), 5),
+                                 "cosine_mean": round(float(cos.mean()), 5), "cosine_min": round(float(cos.min()), 5)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1, default=str))
     print(json.dumps(res, indent=1, default=str))

@@ -249,12 +249,19 @@ class _TensorflowRuntime:
             return self.tf.convert_to_tensor(image)
         return self.tf.experimental.dlpack.from_dlpack(image.__dlpack__())  # stays on the GPU
 
-    def resize(self, image, size: int):
-        out = self.tf.image.resize(image, (size, size), method="bilinear", antialias=True)
+    def resize(self, images, size: int):
+        """(N, H, W, 3) uint8 on the device -> (N, size, size, 3) uint8: one op for the whole stack."""
+        out = self.tf.image.resize(images, (size, size), method="bilinear", antialias=True)
         return self.tf.cast(self.tf.clip_by_value(self.tf.round(out), 0, 255), self.tf.uint8)
 
     def stack(self, images: list):
         return self.tf.stack(images)
+
+    def concat(self, batches: list):
+        return batches[0] if len(batches) == 1 else self.tf.concat(batches, axis=0)
+
+    def take(self, batch, order: np.ndarray):
+        return self.tf.gather(batch, order)
 
 
 class _JaxRuntime:
@@ -275,8 +282,9 @@ class _JaxRuntime:
             outs = outs if isinstance(outs, (list, tuple)) else [outs]
             return [o.reshape(o.shape[0], -1).astype(jnp.float32) for o in outs]
 
-        def _resize(image, size: int):
-            out = jax.image.resize(image.astype(jnp.float32), (size, size, image.shape[-1]), "linear", antialias=True)
+        def _resize(images, size: int):  # (N, H, W, C): one compiled resize per input shape
+            shape = (images.shape[0], size, size, images.shape[-1])
+            out = jax.image.resize(images.astype(jnp.float32), shape, "linear", antialias=True)
             return jnp.clip(jnp.round(out), 0, 255).astype(jnp.uint8)
 
         self._forward = forward
@@ -294,11 +302,17 @@ class _JaxRuntime:
             return self.jnp.asarray(image)
         return self.jax.dlpack.from_dlpack(image)  # stays on the GPU
 
-    def resize(self, image, size: int):
-        return self._resize(image, size)
+    def resize(self, images, size: int):
+        return self._resize(images, size)
 
     def stack(self, images: list):
         return self.jnp.stack(images)
+
+    def concat(self, batches: list):
+        return batches[0] if len(batches) == 1 else self.jnp.concatenate(batches, axis=0)
+
+    def take(self, batch, order: np.ndarray):
+        return self.jnp.take(batch, self.jnp.asarray(order), axis=0)
 
 
 class FeatureExtractor:
@@ -342,33 +356,56 @@ class FeatureExtractor:
     def features(self, images) -> list[np.ndarray]:
         return self.runtime.forward(images)
 
+    def squash(self, decoded: list) -> Any:
+        """Full-size decoded images (device or host, (H, W, 3) uint8) -> one (N, S, S, 3) uint8 device batch in
+        the same order: images of one shape (a camera's frames) are stacked and resized by one device op."""
+        rt, size = self.runtime, self.spec.image_size
+        by_shape: dict[tuple, list[int]] = {}
+        for k, img in enumerate(decoded):
+            by_shape.setdefault(tuple(img.shape), []).append(k)
+        pieces, order = [], []
+        for idx in by_shape.values():
+            pieces.append(rt.resize(rt.stack([rt.to_device(decoded[k]) for k in idx]), size))
+            order += idx
+        out = rt.concat(pieces)
+        return out if order == sorted(order) else rt.take(out, np.argsort(order))
+
     def _decode_here(self, batch: dict[str, np.ndarray]) -> tuple[Any, np.ndarray, np.ndarray]:
         """decode=gpu: (device batch of the decoded images, error, error_detail) for the batch's rows."""
         from .images import DecodeError, decode_image
 
-        size, n = self.spec.image_size, len(batch["image_id"])
+        rt, size, n = self.runtime, self.spec.image_size, len(batch["image_id"])
         errors = np.asarray(batch["error"]).astype(object)
         details = np.asarray(batch["error_detail"]).astype(object)
         data, gpu_ok = batch["data"], np.asarray(batch["gpu_ok"], dtype=bool)
         to_gpu = [i for i in range(n) if errors[i] == "" and gpu_ok[i]]
-        images: dict[int, Any] = {}
         refused = [i for i in range(n) if errors[i] == "" and not gpu_ok[i]]
+        on_gpu: dict[int, Any] = {}
         for i, img in zip(to_gpu, self.gpu.decode([bytes(data[i]) for i in to_gpu]) if to_gpu else []):
             shape = tuple(getattr(img, "shape", ()))
             if img is None or len(shape) != 3 or shape[-1] != 3:
                 refused.append(i)
             else:
-                images[i] = self.runtime.resize(self.runtime.to_device(img), size)
-        self.decoded["gpu"] += len(images)
+                on_gpu[i] = img
+        self.decoded["gpu"] += len(on_gpu)
+        on_cpu: dict[int, np.ndarray] = {}
         for i in sorted(refused):  # the CPU path, file by file: the same pixels and the same rejects
             try:
-                images[i] = self.runtime.to_device(decode_image(bytes(data[i]), size, self.max_pixels,
-                                                                self.jpeg_draft))
+                on_cpu[i] = decode_image(bytes(data[i]), size, self.max_pixels, self.jpeg_draft)
                 self.decoded["cpu"] += 1
             except DecodeError as e:
                 errors[i], details[i] = e.reason, e.detail
-        ok = sorted(images)
-        return (self.runtime.stack([images[i] for i in ok]) if ok else None), errors, details
+        pieces, order = [], []
+        if on_gpu:
+            pieces.append(self.squash(list(on_gpu.values())))
+            order += list(on_gpu)
+        if on_cpu:
+            pieces.append(rt.to_device(np.stack(list(on_cpu.values()))))
+            order += list(on_cpu)
+        if not pieces:
+            return None, errors, details
+        images = rt.concat(pieces)  # rows in the order of the batch's decoded rows
+        return (images if order == sorted(order) else rt.take(images, np.argsort(order))), errors, details
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image_id"])

@@ -46,8 +46,10 @@ for model in ("vgg19", "vgg16"):
         weights = resolve_weights(spec)  # the same weights files on every backend
         ref = np.load(work / f"{model}_weights.npz")
         assert all(np.array_equal(w, ref[f"arr_{i}"]) for i, w in enumerate(weights)), (model, fmt)
-    feats = FeatureExtractor(spec, weights, backend="jax", pad_to=8).features(images)
-    np.savez(work / f"{model}_jax.npz", *feats)
+    ex = FeatureExtractor(spec, weights, backend="jax", pad_to=8)
+    np.savez(work / f"{model}_jax.npz", *ex.features(images))
+full = np.load(work / "full.npz")
+np.save(work / "squash_jax.npy", np.asarray(ex.squash([full[k] for k in sorted(full.files)])))
 import keras
 print(json.dumps({"backend": keras.backend.backend(), "tensorflow": sys.modules.get("tensorflow") is not None}))
 """
@@ -62,6 +64,8 @@ def test_jax_backend_equals_tensorflow_for_every_tap_without_tensorflow(tmp_path
     rng = np.random.default_rng(3)
     images = rng.integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
     np.save(tmp_path / "images.npy", images)
+    full = [rng.integers(0, 256, (48, 64, 3) if k % 2 else (30, 20, 3), dtype=np.uint8) for k in range(4)]
+    np.savez(tmp_path / "full.npz", *full)  # decoded frames of two shapes, for the on-device squash
     expected = {}
     for i, model in enumerate(("vgg19", "vgg16")):
         keras.utils.set_random_seed(11 + i)
@@ -71,7 +75,8 @@ def test_jax_backend_equals_tensorflow_for_every_tap_without_tensorflow(tmp_path
             legacy_h5_format.save_weights_to_hdf5_group(f, ref)
         np.savez(tmp_path / f"{model}_weights.npz", *ref.get_weights())
         spec = BackboneSpec(model, tuple(LAYERS), str(tmp_path / f"{model}.h5"), SIZE)
-        expected[model] = FeatureExtractor(spec, resolve_weights(spec)).features(images)
+        tf_actor = FeatureExtractor(spec, resolve_weights(spec))
+        expected[model] = tf_actor.features(images)
     res = subprocess.run([sys.executable, "-c", JAX_SIDE, str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == {"backend": "jax", "tensorflow": False}
@@ -80,6 +85,9 @@ def test_jax_backend_equals_tensorflow_for_every_tap_without_tensorflow(tmp_path
         for i, layer in enumerate(LAYERS):
             assert got[f"arr_{i}"].shape == expected[model][i].shape
             assert _close(got[f"arr_{i}"], expected[model][i]) <= 1e-4, (model, layer)
+    # decode gpu squashes decoded frames on the device: JAX's resize gives TensorFlow's pixels, within one level
+    squash_tf = np.asarray(tf_actor.squash(full)).astype(int)
+    assert np.abs(np.load(tmp_path / "squash_jax.npy").astype(int) - squash_tf).max() <= 1
 
 
 def test_extract_on_jax_through_ray_records_the_backend_and_refuses_a_mix(tmp_path, ray_local):
@@ -201,10 +209,17 @@ def test_gpu_decode_falls_back_to_the_cpu_decoder_with_the_same_rejects(tmp_path
         assert not a[~ok].any() and not b[~ok].any()
     # the actor's squash to a square matches the CPU path's (PIL's antialiased bilinear, no DCT draft)
     jpg = (d / "20160816_120000_000.jpg").read_bytes()
-    rt = gpu_actor.runtime
-    mine = np.asarray(rt.resize(rt.to_device(np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"))), SIZE))
+    full = np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"))
+    mine = np.asarray(gpu_actor.squash([full]))[0]
     assert mine.shape == (SIZE, SIZE, 3) and mine.dtype == np.uint8
     assert np.abs(mine.astype(int) - decode_image(jpg, SIZE, 10**8, jpeg_draft=False)).mean() < 2
+    # frames of one shape are squashed as one stack; a batch of mixed shapes keeps its order
+    rng = np.random.default_rng(2)
+    mixed = [rng.integers(0, 255, (48, 64, 3) if k % 3 else (30, 20, 3), dtype=np.uint8) for k in range(7)]
+    together = np.asarray(gpu_actor.squash(mixed))
+    assert together.shape == (7, SIZE, SIZE, 3)
+    for k, img in enumerate(mixed):
+        assert np.array_equal(together[k], np.asarray(gpu_actor.squash([img]))[0]), k
 
 
 def test_decode_choice_and_its_one_line_errors(tmp_path, monkeypatch, capsys, ray_local):

@@ -363,11 +363,15 @@ class FeatureExtractor:
         by_shape: dict[tuple, list[int]] = {}
         for k, img in enumerate(decoded):
             by_shape.setdefault(tuple(img.shape), []).append(k)
-        pieces, order = [], []
-        for idx in by_shape.values():
-            pieces.append(rt.resize(rt.stack([rt.to_device(decoded[k]) for k in idx]), size))
-            order += idx
-        out = rt.concat(pieces)
+        pieces = [(rt.resize(rt.stack([rt.to_device(decoded[k]) for k in idx]), size), idx)
+                  for idx in by_shape.values()]
+        return self._in_order(pieces)
+
+    def _in_order(self, pieces: list[tuple[Any, list[int]]]) -> Any:
+        """Device batches, each with the row numbers of its rows -> one batch with its rows in row order."""
+        rt = self.runtime
+        order = [k for _, idx in pieces for k in idx]
+        out = rt.concat([batch for batch, _ in pieces])
         return out if order == sorted(order) else rt.take(out, np.argsort(order))
 
     def _decode_here(self, batch: dict[str, np.ndarray]) -> tuple[Any, np.ndarray, np.ndarray]:
@@ -395,17 +399,9 @@ class FeatureExtractor:
                 self.decoded["cpu"] += 1
             except DecodeError as e:
                 errors[i], details[i] = e.reason, e.detail
-        pieces, order = [], []
-        if on_gpu:
-            pieces.append(self.squash(list(on_gpu.values())))
-            order += list(on_gpu)
-        if on_cpu:
-            pieces.append(rt.to_device(np.stack(list(on_cpu.values()))))
-            order += list(on_cpu)
-        if not pieces:
-            return None, errors, details
-        images = rt.concat(pieces)  # rows in the order of the batch's decoded rows
-        return (images if order == sorted(order) else rt.take(images, np.argsort(order))), errors, details
+        pieces = ([(self.squash(list(on_gpu.values())), list(on_gpu))] if on_gpu else []) + (
+            [(rt.to_device(np.stack(list(on_cpu.values()))), list(on_cpu))] if on_cpu else [])
+        return (self._in_order(pieces) if pieces else None), errors, details
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image_id"])

@@ -75,7 +75,14 @@ class ExtractConfig(_Section):
     # it refuses falls back to the CPU decoder there), auto (gpu when the actors get a GPU with a usable
     # decoder, else cpu; a study already extracted one way stays that way).
     decode: Literal["cpu", "gpu", "auto"] = "auto"
-    num_actors: int | None = Field(None, ge=1)  # None: one per GPU, else one per 2 CPUs
+    # Where the model actors run (lifelog_ray/placement.py): auto takes the GPU when the cluster has one or its
+    # autoscaler can start one; gpu insists (a one-line error on a cluster that can never have one); cpu never.
+    device: Literal["auto", "gpu", "cpu"] = "auto"
+    # The model actor pool: N, or [min, max] to grow with the cluster; None: one per GPU the cluster can hold
+    # (else one per 2 CPUs), fixed on a fixed cluster, from 1 up to that on an autoscaling one.
+    num_actors: int | tuple[int, int] | None = None
+    # How long a stage waits for the GPU nodes it asked the autoscaler for (cloud GPU nodes take minutes).
+    gpu_wait_s: float = Field(600.0, ge=0)
     cpus_per_actor: float = Field(1.0, gt=0)
     jpeg_draft: bool = True  # decode big JPEGs at a reduced DCT scale before the resize (much faster)
     max_image_pixels: int = Field(89_478_485, ge=1)  # PIL's default decompression-bomb limit
@@ -86,6 +93,32 @@ class ExtractConfig(_Section):
     @classmethod
     def _csv_list(cls, v: Any) -> Any:
         return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+    @field_validator("num_actors", mode="before")
+    @classmethod
+    def _parse_actors(cls, v: Any) -> Any:
+        """N, "MIN,MAX" (the CLI's --num-actors 1,4) or [MIN, MAX]; MIN == MAX is the fixed pool N."""
+        if isinstance(v, bool):
+            raise ValueError(f"expected N or [MIN, MAX], got {v!r}")
+        if v is None:
+            return v
+        if isinstance(v, str):
+            parts = [x.strip() for x in v.strip("[]() ").split(",") if x.strip()]
+            try:
+                v = [int(x) for x in parts]
+            except ValueError:
+                raise ValueError(f"expected N or MIN,MAX (whole numbers), got {v!r}") from None
+            v = v[0] if len(v) == 1 else v
+        if isinstance(v, (list, tuple)):
+            if len(v) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+                raise ValueError(f"expected N or [MIN, MAX] (whole numbers), got {v!r}")
+            lo, hi = v
+            if lo < 1 or lo > hi:
+                raise ValueError(f"[min, max] needs 1 <= min <= max, got [{lo}, {hi}]")
+            return lo if lo == hi else (lo, hi)
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"must be at least 1, got {v}")
+        return v
 
 
 class ClassifyConfig(_Section):
@@ -173,6 +206,48 @@ class FinetuneConfig(_Section):
         return self
 
 
+class PredictConfig(_Section):
+    """`lifelog-ray predict`, and the predict stage of `run` / jobs/study.py (which runs only with images set)."""
+
+    images: str | None = None  # new images: a folder (recursive), a manifest .parquet or a .csv of paths; a URI too
+    pipeline: str = "auto"  # auto | approach1 | approach2 | MODEL/LAYER/CLASSIFIER
+    name: str | None = None  # STUDY/predictions/<name>/ (default: the images' folder or file name)
+    # Events shorter than this are kept but flagged `short` in events.parquet (one stray frame is ~20-30 s).
+    min_event_s: float = Field(60.0, ge=0)
+
+
+class CurveConfig(_Section):
+    """`lifelog-ray curve`: test score against the amount of labelled data, for either approach or both."""
+
+    approach: Literal["auto", "1", "2", "both"] = "auto"  # auto: both when the study fine-tuned, else 1
+    method: Literal["m1", "m2", "m3"] | None = None  # Approach 2's method; None: the study's best fine-tuned one
+    fractions: list[float] = [0.05, 0.1, 0.25, 0.5, 1.0]  # of the train split, stratified
+    seeds: int = Field(3, ge=1)  # subsets (and, for Approach 2, initialisations) per fraction
+    protocol: Literal["image", "day"] = "image"  # the per-image split, or whole days (no near-duplicate leaks)
+
+    @field_validator("approach", mode="before")
+    @classmethod
+    def _approach(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) else v
+
+    @field_validator("fractions", mode="before")
+    @classmethod
+    def _parse_fractions(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                v = [float(x) for x in v.split(",") if x.strip()]
+            except ValueError:
+                raise ValueError(f"expected a comma list of numbers in (0, 1], e.g. 0.1,0.5,1.0, got {v!r}") from None
+        return v
+
+    @field_validator("fractions")
+    @classmethod
+    def _check_fractions(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < f <= 1 for f in v):
+            raise ValueError(f"fractions must lie in (0, 1] (of the train split), got {v}")
+        return sorted(set(v))
+
+
 class RayConfig(_Section):
     address: str | None = None  # None: RAY_ADDRESS, a running local cluster, else a new local Ray; "local": new
     log_to_driver: bool = True  # workers' stdout/stderr on the driver's console
@@ -205,6 +280,8 @@ class StudyConfig(_Section):
     extract: ExtractConfig = ExtractConfig()
     classify: ClassifyConfig = ClassifyConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    predict: PredictConfig = PredictConfig()
+    curve: CurveConfig = CurveConfig()
     ray: RayConfig = RayConfig()
     output: OutputConfig = OutputConfig()
     storage: StorageConfig = StorageConfig()
@@ -284,7 +361,7 @@ def write_resolved(cfg: StudyConfig, directory: str | os.PathLike, name: str = "
 
 # Config keys that hold a local path (or a URI, or a keyword such as `imagenet`, `paper`, `none`).
 PATH_KEYS = ("data.root", "data.labels", "data.images_csv", "data.taxonomy", "output.study", "classify.search_space",
-             "extract.weights", "finetune.weights")
+             "extract.weights", "finetune.weights", "predict.images")
 _KEYWORDS = {"imagenet", "none", "paper"}
 
 

@@ -20,19 +20,20 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from . import progress, storage
+from . import placement, progress, storage
 from .backbones import BackboneSpec, FeatureExtractor, actor_env, resolve_weights, tap_widths
 from .config import ExtractConfig, StudyConfig, write_resolved
 from .errors import LifelogError
 from .images import decoded_images, read_images
 from .lease import Lease, holding, stage_lease
+from .placement import ActorPlan
 from .rejects import normalize_rejects, read_rejects, replace_stage_rejects
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class ShardWriter:
         self.layers = layers
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        before = storage.retry_counts()
         units = np.asarray(batch["unit"])
         ok = np.asarray(batch["error"]) == ""
         out: dict[str, list] = {"unit": [], "part": [], "n_ok": [], "rejects": []}
@@ -90,7 +92,11 @@ class ShardWriter:
             out["part"].append(part)
             out["n_ok"].append(len(ids))
             out["rejects"].append(json.dumps(rej))
-        return {k: np.asarray(v) for k, v in out.items()}
+        # this batch's object-store retries: its reads' (carried from the decode tasks) and these writes'
+        carried = {f"retried_{k}": [int(np.asarray(batch[f"retried_{k}"]).sum())] + [0] * (len(out["unit"]) - 1)
+                   for k in storage.RETRY_LAYERS if f"retried_{k}" in batch}
+        return {**{k: np.asarray(v) for k, v in out.items()},
+                **storage.retry_columns(len(out["unit"]), before, carried)}
 
 
 @dataclass
@@ -103,6 +109,10 @@ class ExtractSummary:
     seconds: float
     first_output_s: float = 0.0  # time to the first written unit part: actor start-up and model build
     first_output_rows: int = 0
+    placement: str = ""  # where the model actors ran: `2 model actors on 2 GPU nodes, decode gpu`
+    pool_s: float = 0.0  # time to the nodes for the pool's first actors (an autoscaling cluster's wait)
+    pool: int = 0  # model actors the pool started with
+    retried: dict[str, int] = field(default_factory=dict)  # object-store retries of the run, per layer
 
     @property
     def images_per_s(self) -> float:
@@ -112,6 +122,8 @@ class ExtractSummary:
         return (
             f"extract {self.model}: {self.processed} images processed, {self.rejected} rejected, "
             f"{self.skipped} already done, {self.images_per_s:.1f} images/s -> {self.output}"
+            + (f" ({self.placement})" if self.placement else "")
+            + (f"; {storage.describe_retries(self.retried)}" if sum(self.retried.values()) else "")
         )
 
 
@@ -214,7 +226,8 @@ def _check_signature(model_dir: Path, spec: BackboneSpec, backend: str) -> dict:
 
 
 def _gpu_decode_usable(timeout_s: float = 120.0) -> tuple[bool, str]:
-    """Ask a GPU node, not the driver (a CPU-only head is the normal case), whether it can decode on its GPU."""
+    """Ask a GPU node, not the driver (a CPU-only head is the normal case), whether it can decode on its GPU.
+    The probe is itself a GPU task: on an autoscaling cluster it waits for a GPU node still starting."""
     import ray
 
     from .gpu_decode import probe
@@ -225,37 +238,46 @@ def _gpu_decode_usable(timeout_s: float = 120.0) -> tuple[bool, str]:
         return False, f"no GPU node answered within {timeout_s:g}s"
 
 
-def resolve_decode(requested: str, recorded: str | None, gpus: float) -> str:
-    """cpu | gpu for this run: ``requested`` (cpu | gpu | auto), the study's ``recorded`` decode (None for a
-    new study) and the cluster's GPUs. A one-line error, before any image is read, when it cannot be had."""
+def check_decode(requested: str, recorded: str | None, device: str) -> None:
+    """A one-line error, before any Ray work or waiting, when GPU decode is asked for (or recorded by the
+    study) but the model actors will run on CPUs (``device``, from the placement plan)."""
+    if device == "gpu" or not (requested == "gpu" or (requested == "auto" and recorded == "gpu")):
+        return
+    raise LifelogError("extract.decode gpu: the model actors run on CPUs (the Ray cluster has no GPU and its autoscaler "
+                       "cannot add one, or extract.device is cpu), and decoding happens on their GPUs; use --decode "
+                       "cpu, or run on a cluster with GPU nodes")
+
+
+def resolve_decode(requested: str, recorded: str | None, device: str, wait_s: float = 120.0) -> tuple[str, str]:
+    """(cpu | gpu, why) for this run: ``requested`` (cpu | gpu | auto), the study's ``recorded`` decode (None for
+    a new study) and where the model actors run (``device``). A one-line error when it cannot be had."""
     if requested == "auto" and recorded == "cpu":
-        return "cpu"  # a study extracted on CPUs stays so: its features would differ slightly otherwise
+        return "cpu", "the study was decoded on CPUs"  # its features would differ slightly otherwise
     if requested == "cpu":
-        return "cpu"
-    if gpus < 1:
-        if requested == "gpu" or recorded == "gpu":
-            raise LifelogError("extract.decode gpu: the Ray cluster has no GPU (decoding happens on the model "
-                               "actors' GPUs); use --decode cpu, or run on a cluster with GPU nodes")
-        return "cpu"
-    ok, why = _gpu_decode_usable()
+        return "cpu", "extract.decode cpu"
+    check_decode(requested, recorded, device)
+    if device != "gpu":
+        return "cpu", "the model actors run on CPUs"
+    ok, why = _gpu_decode_usable(wait_s)
     if ok:
-        return "gpu"
+        return "gpu", f"a GPU node decodes with {why}"
     if requested == "gpu" or recorded == "gpu":
         raise LifelogError(f"extract.decode gpu: the GPU nodes cannot decode JPEGs ({why}); install the gpu or "
                            f"gpu-jax extra there (nvImageCodec), or use --decode cpu")
     log.info("decode auto: the GPU decoder is not usable (%s); decoding on CPUs", why)
-    return "cpu"
+    return "cpu", f"the GPU nodes cannot decode JPEGs: {why}"
 
 
-def settle_decode(model_dir: Path, signature: dict, requested: str, gpus: float) -> str:
-    """The run's decode path, recorded in _extract.json on first use; a run that would mix is refused."""
+def settle_decode(model_dir: Path, signature: dict, requested: str, device: str, wait_s: float = 120.0) -> str:
+    """The run's decode path, recorded in _extract.json on first use (with why); a run that would mix is refused."""
     recorded = signature.get("decode")
-    decode = resolve_decode(requested, recorded, gpus)
+    decode, why = resolve_decode(requested, recorded, device, wait_s)
     if recorded is not None and decode != recorded:
         raise LifelogError(f"{model_dir} holds features decoded on the {recorded.upper()}; this run would decode on "
                            f"the {decode.upper()}. Use --decode {recorded}, --overwrite, or another study directory")
     if recorded is None:
-        storage.write_text_atomic(json.dumps({**signature, "decode": decode}, indent=1), model_dir / "_extract.json")
+        storage.write_text_atomic(json.dumps({**signature, "decode": decode, "decode_why": why}, indent=1),
+                                  model_dir / "_extract.json")
     return decode
 
 
@@ -265,15 +287,20 @@ def spec_for(cfg: StudyConfig, model: str) -> BackboneSpec:
 
 
 def model_stage(rows: pd.DataFrame, spec: BackboneSpec, weights: list[np.ndarray], e: ExtractConfig, decode: str,
-                n_actors: int, use_gpu: bool, options: dict | None):
+                plan: ActorPlan, initial: int | None, options: dict | None):
     """Images -> tap columns: CPU decode tasks then the model actors, or (decode gpu) read tasks then
-    actors that decode on their GPU. The one chain of extract and predict."""
+    actors that decode on their GPU. The one chain of extract and predict; ``plan`` sizes and places the
+    actors (placement.plan_actors), ``initial`` of them start at once."""
     import ray
 
     if decode == "gpu":
         ds = read_images(rows, e.max_image_pixels, e.batch_size, options)
     else:
         ds = decoded_images(rows, e.image_size, e.max_image_pixels, e.batch_size, e.jpeg_draft, options)
+    if plan.shape.autoscaling:
+        # The pool starts with its first actors all built: otherwise the first one ready takes every batch
+        # while the others still load the model, and a pool "of 2 GPU nodes" runs on one.
+        ds.context.wait_for_min_actors_s = int(max(1, e.gpu_wait_s))
     remote = {"runtime_env": {"env_vars": actor_env(e.backend)}} if e.backend != "tensorflow" else {}
     # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a dead actor is replaced
     # and its batch redone.
@@ -281,29 +308,23 @@ def model_stage(rows: pd.DataFrame, spec: BackboneSpec, weights: list[np.ndarray
         FeatureExtractor, fn_constructor_kwargs={
             "spec": spec, "weights": ray.put(weights), "backend": e.backend, "decode": decode,
             "max_pixels": e.max_image_pixels, "jpeg_draft": e.jpeg_draft, "pad_to": e.batch_size},
-        batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(size=n_actors),
-        num_gpus=1 if use_gpu else 0, num_cpus=e.cpus_per_actor, batch_format="numpy", **remote,
+        batch_size=e.batch_size, compute=plan.strategy(initial),
+        num_gpus=plan.num_gpus, num_cpus=plan.num_cpus, batch_format="numpy", **remote,
     )
 
 
 def feature_dataset(cfg: StudyConfig, spec: BackboneSpec, rows: pd.DataFrame, staging: Path,
-                    weights: list[np.ndarray], decode: str = "cpu"):
+                    weights: list[np.ndarray], decode: str, plan: ActorPlan, initial: int | None = None):
     """The Ray chain: decode -> VGG actor pool -> shard writers; one output row per written part."""
     import ray
 
-    from .runtime import cluster_resources, ensure_ray
-
     e = cfg.extract
-    ensure_ray(cfg.ray)
-    cpus, gpus = cluster_resources()
-    use_gpu = gpus >= 1
-    n_actors = e.num_actors or (int(gpus) if use_gpu else max(1, int(cpus // 2)))
-    ds = model_stage(rows, spec, weights, e, decode, n_actors, use_gpu, cfg.storage.options)
+    ds = model_stage(rows, spec, weights, e, decode, plan, initial, cfg.storage.options)
     # The writer is idempotent (a part's name is the hash of its image ids).
     return ds.map_batches(
         ShardWriter, fn_constructor_kwargs={"staging": staging, "layers": list(spec.layers)},
-        batch_size=e.unit_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors), num_cpus=0.25,
-        batch_format="numpy",
+        batch_size=e.unit_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_actors),
+        num_cpus=0.25, batch_format="numpy",
     )
 
 
@@ -320,8 +341,15 @@ class UnitTracker:
         self.parts: dict[str, list[str]] = {}
         self.rejects: dict[str, list[dict]] = {}
         self.n_ok = self.n_bad = 0
+        self.retried = dict.fromkeys(storage.RETRY_LAYERS, 0)
 
     def record(self, batch: pd.DataFrame) -> None:
+        got = {k: int(batch[f"retried_{k}"].sum()) for k in storage.RETRY_LAYERS if f"retried_{k}" in batch}
+        if sum(got.values()):
+            for k, v in got.items():
+                self.retried[k] += v
+            log.info("storage: %s reading and writing unit(s) %s", storage.describe_retries(got),
+                     ", ".join(sorted(set(batch["unit"]))))
         for row in batch.itertuples(index=False):
             rej = json.loads(row.rejects)
             self.seen[row.unit] = self.seen.get(row.unit, 0) + int(row.n_ok) + len(rej)
@@ -349,7 +377,7 @@ def extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | None
 
 
 def _extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | None, lease: Lease) -> ExtractSummary:
-    from .runtime import cluster_resources, ensure_ray
+    from .runtime import ensure_ray
 
     e = cfg.extract
     spec = spec_for(cfg, model)
@@ -371,24 +399,47 @@ def _extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | Non
     if weights is None:
         weights = resolve_weights(spec)  # before any Ray work: a missing weights file fails here
     ensure_ray(cfg.ray)
-    decode = settle_decode(model_dir, signature, e.decode, cluster_resources()[1])  # before any image is read
+    plan = placement.plan_actors(e.device, e.num_actors, e.cpus_per_actor, placement.discover())
+    log.info("extract %s: %s", model, plan.describe())
+    check_decode(e.decode, signature.get("decode"), plan.device)  # before waiting for any node
     pending = plan_units(pending, e.unit_size)
     staging = ledger.staging / uuid.uuid4().hex[:12]  # this run's: a dead run's staging is never reused
     tracker = UnitTracker(ledger, pending, model, list(spec.layers), staging, lease)
     rows = pending[["image_id", "path", "label", "split", "day", "unit"]].astype(str)
-    for batch in feature_dataset(cfg, spec, rows, staging, weights, decode).iter_batches(batch_size=None,
-                                                                                         batch_format="pandas"):
-        if not summary.first_output_s:
-            summary.first_output_s = time.perf_counter() - t0
-            summary.first_output_rows = int(batch["n_ok"].sum()) + sum(len(json.loads(r)) for r in batch["rejects"])
-        tracker.record(batch)
-        progress.report(f"extract {model}", tracker.n_ok + tracker.n_bad, len(pending), "images")
+    driver_before = storage.retry_counts()
+    watch = placement.ActorWatch("FeatureExtractor")
+    with placement.provision(plan, e.gpu_wait_s) as got:
+        summary.pool_s, summary.pool = time.perf_counter() - t0, max(plan.min_actors, min(got.ready, plan.max_actors))
+        decode = settle_decode(model_dir, signature, e.decode, plan.device, e.gpu_wait_s)  # before any image is read
+        chain = feature_dataset(cfg, spec, rows, staging, weights, decode, plan, got.ready)
+        for batch in chain.iter_batches(batch_size=None, batch_format="pandas"):
+            if not summary.first_output_s:
+                summary.first_output_s = time.perf_counter() - t0
+                summary.first_output_rows = (int(batch["n_ok"].sum())
+                                             + sum(len(json.loads(r)) for r in batch["rejects"]))
+            tracker.record(batch)
+            progress.report(f"extract {model}", tracker.n_ok + tracker.n_bad, len(pending), "images")
     summary.processed, summary.rejected, summary.seconds = tracker.n_ok, tracker.n_bad, time.perf_counter() - t0
     if tracker.incomplete():
         raise LifelogError(f"extract {model}: {len(tracker.incomplete())} unit(s) incomplete; "
                            f"rerun the same command to resume")
     storage.rmtree(ledger.staging)  # parts of retried batches that no unit used
+    summary.placement = where_phrase(plan, decode, watch)
+    mine = storage.retried_since(driver_before)  # the driver's own requests: markers, publishing, the lease
+    summary.retried = {k: tracker.retried[k] + mine[k] for k in storage.RETRY_LAYERS}
+    if sum(summary.retried.values()):
+        log.info("storage: %s in this run (workers' reads and writes, and the driver's)",
+                 storage.describe_retries(summary.retried))
     return summary
+
+
+def where_phrase(plan: ActorPlan, decode: str | None, watch: placement.ActorWatch) -> str:
+    """`2 model actors on 2 GPU nodes, decode gpu`: from Ray's state API, else (a local Ray without a
+    dashboard) from the plan."""
+    where = watch.where()
+    if where is None or not where.actors:
+        where = placement.Where(plan.max_actors, len(plan.shape.nodes), int(plan.shape.now("GPU") > 0))
+    return where.phrase(plan.device, decode)
 
 
 def consolidate_rejects(study: Path, models: list[str]) -> pd.DataFrame:

@@ -225,22 +225,23 @@ def test_gpu_decode_falls_back_to_the_cpu_decoder_with_the_same_rejects(tmp_path
 def test_decode_choice_and_its_one_line_errors(tmp_path, monkeypatch, capsys, ray_local):
     import lifelog_ray.extract as ex
 
-    assert resolve_decode("auto", None, gpus=0) == "cpu"
-    assert resolve_decode("cpu", None, gpus=8) == "cpu"
+    assert resolve_decode("auto", None, "cpu")[0] == "cpu"
+    assert resolve_decode("cpu", None, "gpu")[0] == "cpu"
     with pytest.raises(LifelogError, match="no GPU"):
-        resolve_decode("gpu", None, gpus=0)
+        resolve_decode("gpu", None, "cpu")
     with pytest.raises(LifelogError, match="no GPU"):
-        resolve_decode("auto", "gpu", gpus=0)  # a study decoded on GPUs, continued on a CPU-only cluster
-    monkeypatch.setattr(ex, "_gpu_decode_usable", lambda: (False, "nvImageCodec is not installed"))
-    assert resolve_decode("auto", None, gpus=1) == "cpu"
+        resolve_decode("auto", "gpu", "cpu")  # a study decoded on GPUs, continued on a CPU-only cluster
+    monkeypatch.setattr(ex, "_gpu_decode_usable", lambda wait_s: (False, "nvImageCodec is not installed"))
+    assert resolve_decode("auto", None, "gpu") == ("cpu", "the GPU nodes cannot decode JPEGs: nvImageCodec is not "
+                                                          "installed")
     with pytest.raises(LifelogError, match="cannot decode JPEGs \\(nvImageCodec is not installed\\).*gpu-jax"):
-        resolve_decode("gpu", None, gpus=1)
-    monkeypatch.setattr(ex, "_gpu_decode_usable", lambda: (True, "nvimgcodec"))
-    assert resolve_decode("auto", None, gpus=1) == "gpu" and resolve_decode("auto", "cpu", gpus=1) == "cpu"
+        resolve_decode("gpu", None, "gpu")
+    monkeypatch.setattr(ex, "_gpu_decode_usable", lambda wait_s: (True, "nvimgcodec"))
+    assert resolve_decode("auto", None, "gpu")[0] == "gpu" and resolve_decode("auto", "cpu", "gpu")[0] == "cpu"
     model_dir = tmp_path / "m"
     model_dir.mkdir()
     with pytest.raises(LifelogError, match="decoded on the CPU; this run would decode on the GPU"):
-        settle_decode(model_dir, {"decode": "cpu"}, "gpu", gpus=1)
+        settle_decode(model_dir, {"decode": "cpu"}, "gpu", "gpu")
     monkeypatch.undo()
     # the CLI on this GPU-less machine: exit 2, one line, no image read
     root, _ = make_study(tmp_path, n_per_class=4)

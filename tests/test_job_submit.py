@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -38,24 +39,31 @@ def test_readme_recipe_is_the_one_tested():
 @pytest.mark.slow
 @pytest.mark.cluster  # sorted last (conftest): it stops the session's Ray to free the README's default ports
 def test_readme_cluster_recipe_runs_as_written(tmp_path):
-    """`ray start --head` / `ray job submit jobs/study.py` / `ray stop`, typed as the README writes them in a
-    fresh shell after `make demo`: the README's ports and token auth, the venv never activated. The job
-    runs the whole sample study in an uploaded copy of the code and writes it where the user looks."""
+    """`ray start --head` / `ray job submit jobs/study.py`, typed as the README writes them in a fresh shell
+    after `make demo`: the README's ports and token auth, the venv never activated. The job runs the whole
+    sample study in an uploaded copy of the code and writes it where the user looks. The README's last line,
+    `ray stop`, ends every Ray on a machine: the test stops only the head it started (its own RAY_TMPDIR)."""
     import ray
+
+    from lifelog_ray.local_cluster import node_ip, stop_ray_under
 
     ray.shutdown()  # the session's Ray holds Ray's default agent ports (52365, ...) the README's head needs
     work = tmp_path / "checkout"
     shutil.copytree(ROOT, work, symlinks=True, ignore=shutil.ignore_patterns(
         ".git", ".venv", "demo", "__pycache__", ".pytest_cache", ".ruff_cache", "out"))
     (work / ".venv").symlink_to(ROOT / ".venv")  # `make demo` made it; the README's commands name it
-    env = fresh_shell_env()
+    ray_tmp = Path(tempfile.mkdtemp(prefix="llr-readme-", dir="/tmp"))  # short: Ray's socket paths live in it
+    env = fresh_shell_env() | {"RAY_TMPDIR": str(ray_tmp)}
 
     def sh(cmd: str, timeout: int) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", "-c", cmd], cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
 
-    made = sh(".venv/bin/lifelog-ray sample demo/lifelog", 300)  # what `make demo` does first
+    demo = (ROOT / "Makefile").read_text().split("\ndemo:", 1)[1]
+    sample = next(line.strip() for line in demo.splitlines() if "lifelog-ray sample" in line)
+    made = sh(sample.replace("$(BIN)", ".venv/bin").replace("$(DEMO_DIR)", "demo"), 300)  # what `make demo` does first
     assert made.returncode == 0, made.stderr[-2000:]
     start, submit, stop = readme_cluster_recipe()
+    assert stop == ".venv/bin/ray stop"
     try:
         up = sh(start, 300)
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
@@ -63,8 +71,9 @@ def test_readme_cluster_recipe_runs_as_written(tmp_path):
         out = job.stdout + job.stderr
         assert job.returncode == 0, out[-6000:]
     finally:
-        sh(stop, 300)
-    for stage in ("manifest", "extract", "classify", "finetune", "report"):  # the job log reads like the CLI
+        stop_ray_under(ray_tmp, f"{node_ip()}:6379")  # the client server names only the GCS address
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    for stage in ("manifest", "extract", "classify", "finetune", "predict", "report"):  # the job log reads like the CLI
         assert f"[{stage}] done" in out, out[-4000:]
     assert "Traceback" not in out and "(pid=" not in out
     study = work / "demo" / "study"  # the config's relative path, from the user's folder, not the job's copy

@@ -88,6 +88,18 @@ def decode_image(data: bytes, size: int, max_pixels: int, jpeg_draft: bool = Tru
         Image.MAX_IMAGE_PIXELS = old_limit
 
 
+def read_error(path: str, e: OSError) -> tuple[str, str]:
+    """(reason, detail) of a file that could not be read. On an object store only a missing key is the
+    file's own fault: anything else (throttled past every retry, access denied, no endpoint) is raised, so
+    the task fails and the run stops to be resumed, rather than turning the image into a reject."""
+    if isinstance(e, FileNotFoundError):
+        return "missing_file", f"{path} no longer exists"
+    if storage.is_uri(str(path)):
+        raise storage.StorageError(f"{path}: the object store failed after its retries ({type(e).__name__}: {e}); "
+                                   f"rerun the same command to resume") from e
+    return "unreadable", f"{type(e).__name__}: {e}"
+
+
 class ImageDecoder:
     """Ray Data stage: adds `image` (N, S, S, 3) uint8 and `error`/`error_detail` ("" when decoded)."""
 
@@ -104,15 +116,14 @@ class ImageDecoder:
         images = np.zeros((n, self.size, self.size, 3), dtype=np.uint8)
         errors = np.full(n, "", dtype=object)
         details = np.full(n, "", dtype=object)
-        for i, p in enumerate(paths):
+        for i, (p, data) in enumerate(zip(paths, storage.read_each([str(p) for p in paths], self.options))):
+            if isinstance(data, OSError):
+                errors[i], details[i] = read_error(p, data)
+                continue
             try:
-                images[i] = decode_image(storage.read_bytes(str(p), self.options), self.size, self.max_pixels, self.jpeg_draft)
+                images[i] = decode_image(data, self.size, self.max_pixels, self.jpeg_draft)
             except DecodeError as e:
                 errors[i], details[i] = e.reason, e.detail
-            except FileNotFoundError:
-                errors[i], details[i] = "missing_file", f"{p} no longer exists"
-            except OSError as e:
-                errors[i], details[i] = "unreadable", f"{type(e).__name__}: {e}"
         out = {k: v for k, v in batch.items()}
         out["image"] = images
         out["error"] = errors.astype(str)
@@ -123,8 +134,11 @@ class ImageDecoder:
 
 def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int, jpeg_draft: bool = True,
                  options: Options | None = None) -> dict:
-    """Function form of the decode stage, so Ray Data runs it as plain (elastic) tasks."""
-    return ImageDecoder(size, max_pixels, jpeg_draft, options)(batch)
+    """Function form of the decode stage, so Ray Data runs it as plain (elastic) tasks. The batch also carries
+    the object-store retries its reads needed (`retried_<layer>`, storage.retry_columns)."""
+    before = storage.retry_counts()
+    out = ImageDecoder(size, max_pixels, jpeg_draft, options)(batch)
+    return {**out, **storage.retry_columns(len(batch["path"]), before)}
 
 
 def decoded_images(rows: pd.DataFrame, size: int, max_pixels: int, batch_size: int, jpeg_draft: bool = True,
@@ -147,25 +161,24 @@ def read_batch(batch: dict[str, np.ndarray], max_pixels: int, options: Options |
     cannot be read. Decoding happens in the model actor."""
     from .gpu_decode import jpeg_gpu_ok
 
+    before = storage.retry_counts()
     paths = batch["path"]
     n = len(paths)
     data = np.empty(n, dtype=object)
     gpu_ok = np.zeros(n, dtype=bool)
     errors = np.full(n, "", dtype=object)
     details = np.full(n, "", dtype=object)
-    for i, p in enumerate(paths):
+    for i, (p, got) in enumerate(zip(paths, storage.read_each([str(p) for p in paths], options))):
         data[i] = b""
-        try:
-            data[i] = storage.read_bytes(str(p), options)
-            gpu_ok[i] = jpeg_gpu_ok(data[i], max_pixels)
-        except FileNotFoundError:
-            errors[i], details[i] = "missing_file", f"{p} no longer exists"
-        except OSError as e:
-            errors[i], details[i] = "unreadable", f"{type(e).__name__}: {e}"
+        if isinstance(got, OSError):
+            errors[i], details[i] = read_error(p, got)
+            continue
+        data[i] = got
+        gpu_ok[i] = jpeg_gpu_ok(got, max_pixels)
     out = {k: v for k, v in batch.items()}
     out["data"], out["gpu_ok"] = data, gpu_ok
     out["error"], out["error_detail"] = errors.astype(str), details.astype(str)
-    return out
+    return {**out, **storage.retry_columns(n, before)}
 
 
 def image_rows(rows: pd.DataFrame, batch_size: int):

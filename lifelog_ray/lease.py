@@ -208,6 +208,10 @@ class Lease:
             return None
         with _takeover_lock(self.path):
             holder = _read(self.path)
+            if holder is not None and holder.get("token") == self.token:
+                # ours: the store applied our create but its answer was lost, and the retried request was refused
+                self.record = record
+                return None
             if holder is None:  # released between our create and our read
                 if _create(self.path, data):
                     self.record = record

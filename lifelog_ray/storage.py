@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ import pyarrow.parquet as pq
 from upath import UPath
 
 from .errors import LifelogError
+
+log = logging.getLogger(__name__)
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 Options = Mapping[str, Mapping[str, Any]]  # protocol -> fsspec storage options
@@ -67,6 +71,7 @@ def to_path(p: str | os.PathLike, options: Options | None = None) -> Path:
         return Path(s)
     protocol = s.split("://", 1)[0].lower()
     opts = dict((options or {}).get(protocol, {}))
+    watch_retries()
     try:
         path = UPath(s, **opts)
         path.fs  # noqa: B018 - build the filesystem now: a missing package fails here, not deep in a worker
@@ -82,6 +87,33 @@ def read_bytes(path: str, options: Options | None = None) -> bytes:
         return to_path(path, options).read_bytes()
     with open(path[len("file://"):] if path.startswith("file://") else path, "rb") as f:
         return f.read()
+
+
+def read_each(paths: list[str], options: Options | None = None) -> list[bytes | OSError]:
+    """The bytes of each path, or the error that kept it from being read (per file, never raised). URIs are
+    fetched concurrently, one batch of GETs per filesystem: a batch of images on S3 costs about one round
+    trip instead of one per image."""
+    out: list[bytes | OSError | None] = [None] * len(paths)
+    remote: dict[int, list[tuple[int, Path]]] = {}
+    for i, p in enumerate(paths):
+        if is_uri(p):
+            up = to_path(p, options)
+            remote.setdefault(id(up.fs), []).append((i, up))
+            continue
+        try:
+            out[i] = read_bytes(p, options)
+        except OSError as e:
+            out[i] = e
+    for group in remote.values():
+        fs = group[0][1].fs
+        try:
+            got = fs.cat([up.path for _, up in group], on_error="return")
+        except OSError as e:  # the whole batch failed (no endpoint): every file says so
+            got = {up.path: e for _, up in group}
+        for i, up in group:
+            v = got.get(up.path, FileNotFoundError(up.path)) if isinstance(got, dict) else got
+            out[i] = v if isinstance(v, (bytes, OSError)) else OSError(f"{type(v).__name__}: {v}")
+    return out  # type: ignore[return-value]
 
 
 def read_many(paths: list[Path]) -> list[bytes]:
@@ -236,3 +268,84 @@ def write_text_atomic(text: str, p: str | os.PathLike) -> Path:
 def write_df_atomic(df: pd.DataFrame, p: str | os.PathLike) -> Path:
     """Readers never see half a file: temp file + rename locally, one object PUT on S3/GCS."""
     return write_table_atomic(pa.Table.from_pandas(df, preserve_index=False), to_path(p))
+
+
+# --- retries of the object store -------------------------------------------------------------------------
+# Two layers retry a request that failed (503 SlowDown, a dropped connection): botocore first (legacy mode: up
+# to 5 attempts, exponential backoff), then s3fs around the whole call (5 more, for connection errors and
+# SlowDown). Both say so only at DEBUG level; this watch counts each retry per process and logs it at INFO, so
+# the driver's retries are in the stage log and the workers' come back with their batches (retry_columns).
+RETRY_LAYERS = ("botocore", "s3fs")
+_RETRY_LOGGERS = {"botocore.retryhandler": "botocore", "botocore.retries.standard": "botocore",
+                  "botocore.retries.adaptive": "botocore", "s3fs": "s3fs"}
+_retries = dict.fromkeys(RETRY_LAYERS, 0)
+_retry_lock = threading.Lock()
+
+
+class _RetryWatch(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        layer = _RETRY_LOGGERS.get(record.name)
+        msg = record.getMessage()
+        if layer == "botocore":
+            retried = msg.startswith("Retry needed") and "quota reached" not in msg
+        else:  # s3fs logs every client error; it retries only connection errors and SlowDown
+            retried = msg.startswith("Retryable error") or (
+                msg.startswith("Client error (maybe retryable)") and ("SlowDown" in msg or "reduce your request" in msg))
+        if not retried or layer is None:
+            return
+        with _retry_lock:
+            _retries[layer] += 1
+        log.info("a request to the object store was retried by %s (%s)", layer, " ".join(msg.split())[:200])
+
+
+_watch: _RetryWatch | None = None
+
+
+def watch_retries() -> None:
+    """Count object-store retries in this process from now on (idempotent; every URI path turns it on). Those
+    loggers then stop propagating their DEBUG records: the retries are reported here instead."""
+    global _watch
+    with _retry_lock:
+        if _watch is not None:
+            return
+        _watch = _RetryWatch(logging.DEBUG)
+    for name in _RETRY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(_watch)
+        logger.propagate = False
+
+
+def retry_counts() -> dict[str, int]:
+    """Retries this process has seen so far, per layer."""
+    with _retry_lock:
+        return dict(_retries)
+
+
+def retried_since(before: dict[str, int]) -> dict[str, int]:
+    now = retry_counts()
+    return {k: now[k] - before.get(k, 0) for k in RETRY_LAYERS}
+
+
+def retry_columns(n: int, before: dict[str, int], carried: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Columns `retried_<layer>` for a batch of ``n`` rows: the retries since ``before`` (plus those the batch
+    already carried) on its first row, so a column's sum over every batch is the run's count."""
+    import numpy as np
+
+    out = {}
+    for k, v in retried_since(before).items():
+        col = np.zeros(n, dtype=np.int64)
+        if carried is not None and f"retried_{k}" in carried:
+            col += np.asarray(carried[f"retried_{k}"], dtype=np.int64)
+        if n:
+            col[0] += v
+        out[f"retried_{k}"] = col
+    return out
+
+
+def describe_retries(counts: Mapping[str, int]) -> str:
+    """`37 object-store requests retried (botocore 30, s3fs 7)`, or "" when none was."""
+    total = sum(counts.values())
+    if not total:
+        return ""
+    return f"{total} object-store request(s) retried (" + ", ".join(f"{k} {v}" for k, v in counts.items() if v) + ")"

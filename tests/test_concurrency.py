@@ -271,3 +271,25 @@ def test_chaos_soak_three_kills_exactly_once(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     stats = json.loads(out.read_text())
     assert stats["exactly_once"] and stats["kills_survived"] == 3 and not stats["problems"]
+
+
+def test_a_lease_whose_create_was_applied_but_unanswered_is_this_runs_own(tmp_path, monkeypatch):
+    """On a flaky store the answer to a conditional PUT can be lost after the store applied it: the retried PUT
+    then meets the lease and is refused (412). The run must see its own token there, not another holder."""
+    import lifelog_ray.lease as lease_mod
+    from lifelog_ray.lease import Lease
+
+    real = lease_mod._create
+    calls = []
+
+    def applied_but_refused(path, data):
+        calls.append(path)
+        if len(calls) == 1:
+            real(path, data)  # the store wrote it ...
+            return False  # ... and the client heard "exists"
+        return real(path, data)
+
+    monkeypatch.setattr(lease_mod, "_create", applied_but_refused)
+    with Lease(tmp_path, "extract", "vgg19") as held:
+        assert json.loads(held.path.read_text())["token"] == held.token
+    assert not held.path.exists()

@@ -17,7 +17,7 @@ from lifelog_ray import storage
 from lifelog_ray.config import StudyConfig
 from lifelog_ray.ingest import build_manifest
 from lifelog_ray.pipeline import run_study
-from lifelog_ray.predict import run_predict
+from lifelog_ray.predict import NOT_FRAMES, run_predict
 
 
 def _on_s3(cfg: StudyConfig, options: dict, **paths: str) -> StudyConfig:
@@ -26,6 +26,7 @@ def _on_s3(cfg: StudyConfig, options: dict, **paths: str) -> StudyConfig:
         section, name = key.split("__")
         d[section][name] = value
     d["storage"]["options"] = options
+    d["predict"]["images"] = None  # predict runs below, on images in the bucket
     return StudyConfig.model_validate(d)
 
 
@@ -107,14 +108,17 @@ def test_whole_study_and_predict_with_images_and_outputs_on_s3(s3, sample_lifelo
     assert again["extract"] == again["classify"] == again["finetune"] == "skipped"
 
     day = "s3://lifelog/study-run/raw/2016-08-16"
-    out, n, _ = run_predict(cfg, day, which="approach1")
+    res = run_predict(cfg, day, which="approach1")
+    out, n = res.output, res.images
     assert str(out) == "s3://lifelog/study-run/study/predictions/2016-08-16"
     parts = [k for k in fs.find(out.path) if k.endswith(".parquet")]
     assert parts and all("/day=" in k for k in parts)
     import pyarrow.dataset as pads
 
     afs, path = storage.arrow_filesystem(out)
-    pred = pads.dataset(path, filesystem=afs, format="parquet", partitioning="hive").to_table().to_pandas()
+    pred = pads.dataset(path, filesystem=afs, format="parquet", partitioning="hive",
+                        ignore_prefixes=NOT_FRAMES).to_table().to_pandas()  # not events.parquet, not the summaries
+    assert fs.exists(f"{out.path}/events.parquet") and fs.exists(f"{out.path}/summary_by_week.parquet")
     assert len(pred) == n == len([k for k in fs.find(day[len("s3://"):]) if k.endswith(".jpg")])
     ok = pred[pred["error"] == ""]
     assert len(ok) and ok["predicted_label"].notna().all()
@@ -149,3 +153,34 @@ def test_a_checkpoint_from_before_named_weights_is_refused_in_a_bucket(s3):
             json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_1"}}).encode())
     with pytest.raises(LifelogError, match="older lifelog-ray"):
         refuse_old_checkpoints(st.to_path(f"s3://{run}", options))
+
+
+def test_a_flaky_store_is_retried_by_botocore_and_s3fs_and_every_retry_is_counted(s3):
+    """Through a proxy that fails a share of requests (503 SlowDown, dropped before or after moto saw them):
+    reads and writes still come back whole, a missing key is still missing, and the retries are counted per
+    layer, as the stage logs report them."""
+    from flaky_s3 import FlakyS3
+
+    from lifelog_ray.images import read_error
+
+    fs, options = s3
+    host = options["s3"]["endpoint_url"].split("//", 1)[1]
+    with FlakyS3(host, rate=0.3, seed=1) as proxy:
+        flaky = {"s3": {**options["s3"], "endpoint_url": proxy.endpoint}}
+        before = storage.retry_counts()
+        base = storage.to_path("s3://lifelog/flaky-unit", flaky)
+        blobs = {f"f{i}.bin": bytes([i]) * (1000 + i) for i in range(30)}
+        for name, data in blobs.items():
+            storage.write_bytes_atomic(data, base / name)
+        paths = [f"s3://lifelog/flaky-unit/{n}" for n in blobs] + ["s3://lifelog/flaky-unit/missing.bin"]
+        got = storage.read_each(paths, flaky)
+        retried = storage.retried_since(before)
+        faults = sum(proxy.counts[f] for f in ("slowdown", "drop_before", "drop_after"))
+    assert got[:-1] == list(blobs.values())  # one concurrent batch of GETs, every file whole
+    assert isinstance(got[-1], FileNotFoundError) and read_error(paths[-1], got[-1])[0] == "missing_file"
+    assert faults >= 10 and retried["botocore"] >= 1 and sum(retried.values()) >= faults // 2, (faults, retried)
+    assert storage.describe_retries(retried).startswith(f"{sum(retried.values())} object-store request(s) retried")
+    # a store that keeps failing is not a bad image: the task fails (and the run resumes), no reject
+    with pytest.raises(storage.StorageError, match="failed after its retries.*rerun"):
+        read_error(paths[0], OSError("SlowDown"))
+    assert read_error("/local/x.jpg", OSError("EIO"))[0] == "unreadable"

@@ -15,10 +15,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# The main job on the bundled sample lifelog: sample -> manifest -> extract -> classify -> finetune -> report.
+# The main job on the bundled sample lifelog: sample -> manifest -> extract -> classify -> finetune -> predict
+# (the sample's held-out days) -> report; then the data-availability curve of both approaches, and the report again.
 demo: $(STAMP)
-	$(BIN)/lifelog-ray sample $(DEMO_DIR)/lifelog
+	$(BIN)/lifelog-ray sample $(DEMO_DIR)/lifelog --held-out $(DEMO_DIR)/new-days
 	$(BIN)/lifelog-ray run --config jobs/configs/sample.yaml
+	$(BIN)/lifelog-ray curve --config jobs/configs/sample.yaml
+	$(BIN)/lifelog-ray report --config jobs/configs/sample.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check lifelog_ray tests jobs benchmarks

@@ -7,6 +7,7 @@ resulting typed config into a call of the stage function and prints that stage's
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,6 +74,9 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--days", type=int, default=10)
     p.add_argument("--images-per-day", type=int, default=36)
     p.add_argument("--image-size", default="320x240", help="WxH of the drawn images")
+    p.add_argument("--held-out", metavar="DIR", help="also write new, unlabelled days there, for `predict` (their true "
+                                                     "activities in DIR/truth.csv)")
+    p.add_argument("--held-out-days", type=int, default=2)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -82,8 +86,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         w, h = (int(x) for x in args.image_size.lower().split("x"))
     except ValueError:
         raise LifelogError(f"--image-size {args.image_size!r}: expected WIDTHxHEIGHT, e.g. 320x240") from None
-    stats = write_sample(args.dir, seed=args.seed, days=args.days, images_per_day=args.images_per_day, image_size=(w, h))
-    say(args, f"sample lifelog written to {args.dir} (labels: {args.dir}/labels.csv): {stats}")
+    stats = write_sample(args.dir, seed=args.seed, days=args.days, images_per_day=args.images_per_day, image_size=(w, h),
+                         held_out=args.held_out, held_out_days=args.held_out_days)
+    more = f"; {args.held_out_days} held-out days in {args.held_out}" if args.held_out else ""
+    say(args, f"sample lifelog written to {args.dir} (labels: {args.dir}/labels.csv){more}: {stats}")
     return 0
 
 
@@ -126,7 +132,11 @@ EXTRACT_FLAGS: list[Flag] = [
     ("--batch-size", "extract.batch_size", {"type": int}),
     ("--precision", "extract.precision", {"choices": ["float32", "bfloat16", "float16"]}),
     ("--image-size", "extract.image_size", {"type": int, "help": "input side (224 for imagenet weights)"}),
-    ("--num-actors", "extract.num_actors", {"type": int}),
+    ("--num-actors", "extract.num_actors", {"help": "model actors: N, or MIN,MAX for a pool that grows with the "
+                                                    "cluster (default: one per GPU the cluster can hold)"}),
+    ("--device", "extract.device", {"choices": ["auto", "gpu", "cpu"],
+                                    "help": "where the model actors run (default auto: the GPU when the cluster has "
+                                            "one or its autoscaler can add one)"}),
     ("--backend", "extract.backend", {"choices": ["tensorflow", "jax"],
                                       "help": "Keras 3 backend of the model actors (default tensorflow)"}),
     ("--decode", "extract.decode", {"choices": ["cpu", "gpu", "auto"],
@@ -241,13 +251,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # --- predict ------------------------------------------------------------------------------------------
 
-def _predict_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", required=True, help="a folder of new images, a manifest .parquet or a .csv")
-    p.add_argument("--pipeline", default="auto", help="auto | approach1 | approach2 | MODEL/LAYER/CLASSIFIER")
-    p.add_argument("--name", help="output name under STUDY/predictions/ (default: the input's name)")
-
-
 PREDICT_FLAGS: list[Flag] = [
+    ("--images", "predict.images", {"help": "a folder of new images, a manifest .parquet or a .csv (predict.images)"}),
+    ("--pipeline", "predict.pipeline", {"help": "auto | approach1 | approach2 | MODEL/LAYER/CLASSIFIER"}),
+    ("--name", "predict.name", {"help": "output name under STUDY/predictions/ (default: the input's name)"}),
+    ("--device", "extract.device", {"choices": ["auto", "gpu", "cpu"], "help": "where the model actors run"}),
+    ("--num-actors", "extract.num_actors", {"help": "model actors: N or MIN,MAX"}),
     ("--backend", "extract.backend", {"choices": ["tensorflow", "jax"],
                                       "help": "Keras 3 backend for Approach-1 pipelines (fine-tuned ones run on "
                                               "TensorFlow)"}),
@@ -261,9 +270,35 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import run_predict
 
     cfg = config_from_args(args, PREDICT_FLAGS)
-    with console_of(args).stage("predict", cfg.study_dir, args.images):
-        out, n, secs = run_predict(cfg, args.images, args.pipeline, args.name)
-    say(args, f"predict: {n} images labelled in {secs}s -> {out} (partitioned by day)")
+    with console_of(args).stage("predict", cfg.study_dir, cfg.predict.images or ""):
+        res = run_predict(cfg)
+    say(args, res.line())
+    return 0
+
+
+# --- summary ------------------------------------------------------------------------------------------
+
+def _summary_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--predictions", help="a prediction set under STUDY/predictions/ (default: the only one)")
+    p.add_argument("--by", choices=["day", "week", "month"], default="day", help="period (ISO weeks)")
+    p.add_argument("--activity", help="only this activity (or a comma list)")
+    p.add_argument("--from", dest="date_from", metavar="DATE", help="first day, YYYY-MM-DD (inclusive)")
+    p.add_argument("--to", dest="date_to", metavar="DATE", help="last day, YYYY-MM-DD (inclusive)")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from .events import format_table, summarise
+
+    cfg = config_from_args(args, [])
+    table, name = summarise(cfg.study_dir, args.predictions, args.by, args.activity, args.date_from, args.date_to)
+    if args.format == "csv":
+        say(args, table.to_csv(index=False).rstrip("\n"))
+    elif args.format == "json":
+        say(args, table.to_json(orient="records", indent=1))
+    else:
+        say(args, f"time per activity by {args.by} ({name}):")
+        say(args, format_table(table))
     return 0
 
 
@@ -295,22 +330,28 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 # --- curve --------------------------------------------------------------------------------------------
 
-def _curve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fractions", default="0.05,0.1,0.25,0.5,1.0")
-    p.add_argument("--seeds", type=int, default=3)
+CURVE_FLAGS: list[Flag] = [
+    ("--approach", "curve.approach", {"choices": ["1", "2", "both"],
+                                      "help": "1 features + classifier, 2 fine-tuning, or both on one axis (default: "
+                                              "both when the study fine-tuned)"}),
+    ("--method", "curve.method", {"choices": ["m1", "m2", "m3"], "help": "Approach 2's method (default: the best)"}),
+    ("--fractions", "curve.fractions", {"help": "of the train split, e.g. 0.1,0.25,0.5,1 (default 0.05,0.1,0.25,0.5,1)"}),
+    ("--seeds", "curve.seeds", {"type": int, "help": "subsets per fraction (default 3)"}),
+    ("--protocol", "curve.protocol", {"choices": ["image", "day"], "help": "per-image split or whole days"}),
+    WAIT,
+]
 
 
 def cmd_curve(args: argparse.Namespace) -> int:
     from .curve import run_curve
 
-    cfg = config_from_args(args, [WAIT])
-    try:
-        fractions = [float(x) for x in args.fractions.split(",")]
-    except ValueError:
-        raise LifelogError(f"--fractions {args.fractions!r}: expected a comma list of numbers, e.g. 0.1,0.5,1.0") from None
-    with console_of(args).stage("curve", cfg.study_dir):
-        table = run_curve(cfg, fractions, args.seeds)
+    cfg = config_from_args(args, CURVE_FLAGS)
+    c = cfg.curve
+    with console_of(args).stage("curve", cfg.study_dir, f"approach {c.approach}, {len(c.fractions)} fractions x "
+                                                         f"{c.seeds} seed(s), {c.protocol} split"):
+        table = run_curve(cfg)
     say(args, table.to_string(index=False))
+    say(args, json.loads((cfg.study_dir / "curve" / "curve.json").read_text("utf-8"))["verdict"])
     say(args, f"curve -> {cfg.study_dir / 'curve'}")
     return 0
 
@@ -338,13 +379,15 @@ COMMANDS: list[Command] = [
     Command("finetune", "fine-tune VGG (M1/M2/M3) with Ray Train (Table 4, learning curves)", cmd_finetune,
             FINETUNE_FLAGS),
     Command("report", "write the self-contained HTML report of a study", cmd_report),
-    Command("run", "the whole study: manifest -> extract -> classify -> finetune -> report (resumable)", cmd_run,
+    Command("run", "the whole study: manifest -> extract -> classify -> finetune -> predict -> report (resumable)",
+            cmd_run,
             RUN_FLAGS, _run_arguments),
-    Command("predict", "label new lifelog images with the study's best pipeline", cmd_predict, PREDICT_FLAGS,
-            arguments=_predict_arguments),
+    Command("predict", "label new lifelog images with the study's best pipeline", cmd_predict, PREDICT_FLAGS),
+    Command("summary", "time per activity by day, week or month, from a prediction set's events", cmd_summary,
+            arguments=_summary_arguments),
     Command("audit", "rank likely mislabelled images (out-of-fold probabilities + cleanlab)", cmd_audit, [WAIT],
             arguments=_audit_arguments),
-    Command("curve", "test score against the amount of training data (a Ray Tune grid)", cmd_curve, [WAIT],
-            arguments=_curve_arguments),
+    Command("curve", "test score against the amount of training data, for either approach or both (Ray Tune grids)",
+            cmd_curve, CURVE_FLAGS),
     Command("doctor", "check this install: versions, devices, cached weights, the Ray cluster, extras", cmd_doctor),
 ]

@@ -35,13 +35,13 @@ def table(df: pd.DataFrame, highlight_max: list[str] | None = None, fmt: str = "
     return "".join(out) + "</tbody></table>"
 
 
-def thumb(path: str, options: storage.Options | None = None) -> str | None:
+def thumb(path: str, options: storage.Options | None = None, size: tuple[int, int] = (300, 225)) -> str | None:
     from PIL import Image, ImageOps
 
     try:
         with Image.open(io.BytesIO(storage.read_bytes(path, options))) as im:
             im = ImageOps.exif_transpose(im).convert("RGB")
-            im.thumbnail((300, 225))
+            im.thumbnail(size)
             buf = io.BytesIO()
             im.save(buf, "JPEG", quality=80)
             return png_uri(buf.getvalue(), "image/jpeg")

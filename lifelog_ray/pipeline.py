@@ -18,13 +18,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STAGES = ("manifest", "extract", "classify", "finetune", "report")
+STAGES = ("manifest", "extract", "classify", "finetune", "predict", "report")
 # What each stage reads, and the output that shows a stage has run: `run --stages` adds a needed stage
-# (before the stages that need it) only when that output is missing. Fine-tuning reads images, not features.
+# (before the stages that need it) only when that output is missing. Fine-tuning reads images, not features;
+# predict labels `predict.images` with the best pipeline (off when no images are configured).
 NEEDS = {"manifest": (), "extract": ("manifest",), "classify": ("extract",), "finetune": ("manifest",),
-         "report": ("manifest",)}
+         "predict": ("classify",), "report": ("manifest",)}
 OUTPUT = {"manifest": "manifest.parquet", "extract": "features", "classify": "classify/results.parquet",
-          "finetune": "finetune/results.parquet", "report": "report/index.html"}
+          "finetune": "finetune/results.parquet", "predict": "predictions", "report": "report/index.html"}
 
 
 def parse_stages(text: str | None) -> tuple[str, ...]:
@@ -68,9 +69,11 @@ def run_study(cfg: StudyConfig, stages: tuple[str, ...] = STAGES, console: Conso
 
     study = cfg.study_dir
     study.mkdir(parents=True, exist_ok=True)
+    if tuple(stages) == ("predict",) and not cfg.predict.images:  # asked for alone: a mistake, not an "off"
+        raise LifelogError("--stages predict: no images to label; set predict.images (--set predict.images=DIR)")
     stages = plan(study, stages)
     # A live run holding one of these stages: fail now, before Ray starts (each stage takes its lease in turn).
-    check_free(cfg, [(s, m) for s in stages if s != "report"
+    check_free(cfg, [(s, m) for s in stages if s != "report" and (s != "predict" or cfg.predict.images)
                      for m in (cfg.extract.models if s == "extract" else [None])])
     write_resolved(cfg, study)
     out: list[StageSummary] = []
@@ -93,7 +96,7 @@ def run_study(cfg: StudyConfig, stages: tuple[str, ...] = STAGES, console: Conso
             return "done", res.accounting()
         timed("manifest", manifest)
     # One Ray for the whole run: the cluster the job was submitted to, a running local one, or a new one.
-    if any(s in stages for s in ("extract", "classify", "finetune")):
+    if any(s in stages for s in ("extract", "classify", "finetune")) or ("predict" in stages and cfg.predict.images):
         with console.stage("ray", study, announce=False) if console else contextlib.nullcontext():
             ensure_ray(cfg.ray)
     if "extract" in stages:
@@ -121,6 +124,14 @@ def run_study(cfg: StudyConfig, stages: tuple[str, ...] = STAGES, console: Conso
             status = "skipped" if all(r.skipped for r in runs) else "done"
             return status, "; ".join(f"{r.model}/{r.method} acc {100 * r.metrics['accuracy']:.2f}%" for r in runs)
         timed("finetune", finetune)
+    if "predict" in stages:
+        def predict():
+            if not cfg.predict.images:
+                return "off", "no predict.images configured"
+            from .predict import run_predict
+
+            return "done", run_predict(cfg).line()
+        timed("predict", predict)
     if "report" in stages:
         def report():
             from .report import build_report

@@ -6,21 +6,22 @@ Output: Parquet partitioned by day (`day=YYYY-MM-DD/`), one row per input image,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from . import storage
+from . import events, placement, progress, storage
 from .backbones import BackboneSpec, resolve_weights
 from .classify.persist import pipeline_dir
 from .config import StudyConfig
 from .errors import LifelogError
-from .extract import model_stage, resolve_decode
+from .extract import check_decode, model_stage, resolve_decode, where_phrase
 from .images import decoded_images
 from .ingest import day_of, derive_image_id, scan_images, timestamp_from_exif, timestamp_from_name
 from .lease import leased
@@ -65,6 +66,23 @@ def list_images(source: str, extensions: tuple[str, ...], options: storage.Optio
         df["timestamp"] = pd.to_datetime(pd.Series(ts, dtype=object), errors="coerce")
         df["day"] = [day_of(t, r) for t, r in zip(ts, df["rel"])]
     return df[["image_id", "path", "timestamp", "day"]]
+
+
+@dataclass
+class PredictResult:
+    output: Path
+    images: int
+    seconds: int
+    where: str = ""  # where the model actors ran
+    retried: dict[str, int] = field(default_factory=dict)  # object-store retries, per layer
+    events: int = 0  # in events.parquet
+    long_events: int = 0  # of them, not flagged short
+
+    def line(self) -> str:
+        return (f"predict: {self.images} images labelled in {self.seconds}s, {self.long_events} events "
+                f"(+{self.events - self.long_events} short) -> {self.output} (partitioned by day"
+                + (f"; {self.where}" if self.where else "") + ")"
+                + (f"; {storage.describe_retries(self.retried)}" if sum(self.retried.values()) else ""))
 
 
 @dataclass
@@ -145,12 +163,34 @@ class FinetunedClassifier:
 def _label(batch: dict[str, np.ndarray], probs: np.ndarray, classes: list[str]) -> dict[str, np.ndarray]:
     ok = np.asarray(batch["error"]) == ""
     best = np.argmax(probs, axis=1)
-    out = {k: batch[k] for k in ("image_id", "path", "timestamp", "day", "error")}
+    out = {k: batch[k] for k in ("image_id", "path", "timestamp", "day", "error") + RETRIED if k in batch}
     out["predicted_label"] = np.where(ok, np.asarray(classes, dtype=object)[best], None).astype(object)
     out["confidence"] = np.where(ok, probs[np.arange(len(best)), best], np.nan).astype(np.float32)
     for i, c in enumerate(classes):
         out[f"prob__{c}"] = np.where(ok, probs[:, i], np.nan).astype(np.float32)
     return out
+
+
+RETRIED = tuple(f"retried_{k}" for k in storage.RETRY_LAYERS)  # bookkeeping columns, never written
+
+
+class PredictionWriter:
+    """Writer stage of predict: a batch's rows as one Parquet part per day, `day=YYYY-MM-DD/part-<hash>.parquet`
+    (the hive layout `pd.read_parquet` reads back with a `day` column), named by the rows' image ids, so a
+    retried batch rewrites the same file. Returns how many rows it wrote, and the batch's object-store retries."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        before = storage.retry_counts()
+        df = pd.DataFrame({k: v for k, v in batch.items() if k not in RETRIED})
+        for day, g in df.groupby("day", sort=True):
+            ids = "\n".join(map(str, g["image_id"]))
+            name = f"part-{hashlib.sha1(ids.encode()).hexdigest()[:16]}.parquet"
+            storage.write_df_atomic(g.drop(columns="day").reset_index(drop=True), self.out / f"day={day}" / name)
+        carried = {k: [int(np.asarray(batch[k]).sum())] for k in RETRIED if k in batch}
+        return {"rows": np.asarray([len(df)]), **storage.retry_columns(1, before, carried)}
 
 
 def pipeline_smoother(study: Path, choice: Choice) -> Smoother | None:
@@ -165,6 +205,17 @@ def pipeline_smoother(study: Path, choice: Choice) -> Smoother | None:
     return Smoother.parse(meta["smoothing"]) if meta.get("smoothing") else None
 
 
+NOT_FRAMES = ["events", "summary_", "_", "."]  # files beside the day partitions: events.parquet, summary_by_*
+
+
+def read_predictions(out: Path) -> pd.DataFrame:
+    """Every frame of a prediction set, with its `day` (the day partitions only; events.parquet and the
+    summaries beside them are other tables). Plain pandas: `pd.read_parquet(out, ignore_prefixes=NOT_FRAMES)`."""
+    parts = [read_partition(p).assign(day=p.name.split("=", 1)[1])
+             for p in sorted(out.iterdir()) if p.name.startswith("day=")]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
 def read_partition(part: Path) -> pd.DataFrame:
     """One day's predictions (a partition folder), read file by file: on S3/GCS a folder is a prefix."""
     return pd.concat([storage.read_parquet(f) for f in storage.files(part, (".parquet",))], ignore_index=True)
@@ -172,9 +223,12 @@ def read_partition(part: Path) -> pd.DataFrame:
 
 def smooth_days(out: Path, smoother: Smoother | None, max_gap_s: float) -> None:
     """Add `smoothed_label` and `smoothed_confidence` to each day's predictions: the class probabilities
-    smoothed along that day's time-ordered images (a day is one partition, so it is read whole)."""
+    smoothed along that day's time-ordered images (a day is one partition, so it is read whole). The day's
+    parts become one file, `smoothed-0.parquet`, its rows in time order."""
     for part in sorted(p for p in out.iterdir() if p.name.startswith("day=")):
-        df = read_partition(part)
+        df = read_partition(part).drop_duplicates("image_id")  # a part per batch: never an image twice
+        df = df.iloc[np.argsort(pd.to_datetime(df["timestamp"], errors="coerce").to_numpy(), kind="stable")]
+        df = df.reset_index(drop=True)
         classes = [c[len("prob__"):] for c in df.columns if c.startswith("prob__")]
         ok = (df["error"] == "").to_numpy()
         probs = df[[f"prob__{c}" for c in classes]].to_numpy(dtype=np.float64)[ok]
@@ -217,16 +271,24 @@ def write_timelines(out: Path, options: dict | None, smoothing: str) -> None:
 
 
 @leased("predict")
-def run_predict(cfg: StudyConfig, images: str, which: str = "auto", name: str | None = None) -> tuple[Path, int, int]:
+def run_predict(cfg: StudyConfig, images: str | None = None, which: str | None = None,
+                name: str | None = None) -> PredictResult:
+    """Label ``images`` (default ``predict.images``) with pipeline ``which`` (default ``predict.pipeline``) into
+    STUDY/predictions/<name> (default ``predict.name``, else the images' folder or file name)."""
     import ray
 
-    from .runtime import cluster_resources, ensure_ray
+    from .runtime import ensure_ray
 
+    images = images or cfg.predict.images
+    which = which or cfg.predict.pipeline
+    name = name or cfg.predict.name
+    if not images:
+        raise LifelogError("predict: no images to label; pass --images DIR (or set predict.images)")
     study = cfg.study_dir
     choice = choose_pipeline(study, which)
     rows = list_images(images, cfg.data.extensions, cfg.storage.options)
     rows["timestamp"] = rows["timestamp"].astype(str)
-    out = study / "predictions" / (name or Path(images).stem)
+    out = study / "predictions" / (name or Path(images.rstrip("/")).stem)
     e = cfg.extract
     if choice.approach == 1:
         layer, clf = choice.variant.split("/")
@@ -238,32 +300,57 @@ def run_predict(cfg: StudyConfig, images: str, which: str = "auto", name: str | 
         meta = json.loads((study / "finetune" / choice.model / choice.variant / "metrics.json").read_text("utf-8"))
         size = meta["image_size"]
     ensure_ray(cfg.ray)
-    _, gpus = cluster_resources()
     t0 = time.perf_counter()
-    n_actors = e.num_actors or max(1, int(gpus) or 1)
-    if choice.approach == 1:
-        # The study's decode path where it can be had (features decoded the same way as the training ones).
-        decode = resolve_decode(e.decode, sig.get("decode", "cpu") if e.decode == "auto" else None, gpus)
-        pe = e.model_copy(update={"image_size": size})
-        ds = model_stage(rows, spec, weights, pe, decode, n_actors, gpus >= 1, cfg.storage.options)
-        ds = ds.map_batches(PipelineClassifier, fn_constructor_kwargs={
-            "study": study, "model": choice.model, "layer": layer, "classifier": clf},
-            batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25, batch_format="numpy")
-    else:  # fine-tuned pipelines run on tf-keras, with CPU decode
-        ds = decoded_images(rows, size, e.max_image_pixels, e.batch_size, e.jpeg_draft, cfg.storage.options)
-        ds = ds.map_batches(FinetunedClassifier, fn_constructor_kwargs={
-            "model_path": study / "finetune" / choice.model / choice.variant / "model.keras",
-            "model_name": choice.model, "classes": meta["classes"]},
-            batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(size=n_actors),
-            num_gpus=1 if gpus >= 1 else 0, num_cpus=e.cpus_per_actor, batch_format="numpy")
+    plan = placement.plan_actors(e.device, e.num_actors, e.cpus_per_actor, placement.discover(), "predict")
+    log.info("predict: %s", plan.describe())
+    decode = None
+    if choice.approach == 1:  # the study's decode path where it can be had (features decoded as the training ones)
+        recorded = sig.get("decode", "cpu") if e.decode == "auto" else None
+        check_decode(e.decode, recorded, plan.device)
     storage.rmtree(out)  # the output is a function of the input: a rerun replaces it
-    fs, path = storage.arrow_filesystem(out)
-    ds.write_parquet(path if fs is not None else str(Path(path).resolve()), filesystem=fs, partition_cols=["day"])
+    driver_before = storage.retry_counts()
+    written, retried = 0, dict.fromkeys(storage.RETRY_LAYERS, 0)
+    watch = placement.ActorWatch("FeatureExtractor" if choice.approach == 1 else "FinetunedClassifier")
+    with placement.provision(plan, e.gpu_wait_s) as got:
+        if choice.approach == 1:
+            decode = resolve_decode(e.decode, recorded, plan.device, e.gpu_wait_s)[0]
+            pe = e.model_copy(update={"image_size": size})
+            ds = model_stage(rows, spec, weights, pe, decode, plan, got.ready, cfg.storage.options)
+            ds = ds.map_batches(PipelineClassifier, fn_constructor_kwargs={
+                "study": study, "model": choice.model, "layer": layer, "classifier": clf},
+                batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25,
+                batch_format="numpy")
+        else:  # fine-tuned pipelines run on tf-keras, with CPU decode
+            ds = decoded_images(rows, size, e.max_image_pixels, e.batch_size, e.jpeg_draft, cfg.storage.options)
+            ds = ds.map_batches(FinetunedClassifier, fn_constructor_kwargs={
+                "model_path": study / "finetune" / choice.model / choice.variant / "model.keras",
+                "model_name": choice.model, "classes": meta["classes"]},
+                batch_size=e.batch_size, compute=plan.strategy(got.ready),
+                num_gpus=plan.num_gpus, num_cpus=plan.num_cpus, batch_format="numpy")
+        ds = ds.map_batches(PredictionWriter, fn_constructor_kwargs={"out": out}, batch_size=4 * e.batch_size,
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_actors), num_cpus=0.25,
+                            batch_format="numpy")
+        for b in ds.iter_batches(batch_size=None, batch_format="pandas"):
+            written += int(b["rows"].sum())
+            got_retries = {k: int(b[f"retried_{k}"].sum()) for k in storage.RETRY_LAYERS}
+            if sum(got_retries.values()):
+                log.info("storage: %s labelling a batch of images", storage.describe_retries(got_retries))
+            retried = {k: retried[k] + got_retries[k] for k in retried}
+            progress.report("predict", written, len(rows), "images")
+    if written != len(rows):  # every input row is in the output, with its label or its error
+        raise LifelogError(f"predict: {written} of {len(rows)} images were written; rerun the same command")
+    where = where_phrase(plan, decode or "cpu", watch)
+    mine = storage.retried_since(driver_before)
+    retried = {k: retried[k] + mine[k] for k in retried}
     smoother = pipeline_smoother(study, choice)
     smooth_days(out, smoother, cfg.classify.temporal_max_gap_s)
+    found = events.write_summaries(out, cfg.classify.temporal_max_gap_s, cfg.predict.min_event_s)
     write_timelines(out, cfg.storage.options, smoother.describe() if smoother else "no smoother")
-    storage.write_text_atomic(json.dumps({**choice.__dict__, "smoothing": smoother.describe() if smoother else ""},
-                                         default=float, indent=1), out / "_pipeline.json")
+    storage.write_text_atomic(json.dumps({**choice.__dict__, "smoothing": smoother.describe() if smoother else "",
+                                          "where": where}, default=float, indent=1), out / "_pipeline.json")
     n = len(rows)
-    log.info("predicted %d images in %.1fs with %s", n, time.perf_counter() - t0, choice)
-    return out, n, int(time.perf_counter() - t0)
+    log.info("predicted %d images in %.1fs with %s (%s)", n, time.perf_counter() - t0, choice, where)
+    if sum(retried.values()):
+        log.info("storage: %s in this run", storage.describe_retries(retried))
+    return PredictResult(out, n, int(time.perf_counter() - t0), where, retried, len(found),
+                         int((~found["short"]).sum()) if len(found) else 0)

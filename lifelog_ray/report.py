@@ -15,6 +15,7 @@ from . import storage
 from .errors import LifelogError
 from .finetune import run_dir_name
 from .html import escape, png_uri, table, thumb
+from .lifelog_report import predictions_sections, summaries_quality_section
 from .metrics import TABLE_METRICS
 from .rejects import read_rejects
 from .results import best_row, of_protocol
@@ -33,6 +34,8 @@ td:first-child,th:first-child,td.l{text-align:left}
 .gallery img{width:150px;height:112px;object-fit:cover;border:1px solid #ccc}
 .curves img,.cm img{max-width:100%}pre{background:#f7f7f7;padding:1rem;overflow:auto;font-size:.8rem}
 .warn{background:#fff4e0;border:1px solid #f0c070;padding:.6rem 1rem}
+table.events td.kf{padding:1px}table.events img{width:120px;height:90px;object-fit:cover;display:block}
+.filters select,.filters input{margin:0 .6rem 0 .2rem}
 """
 
 
@@ -287,6 +290,10 @@ def build_report(study: str | Path, gallery_size: int = 24, options: storage.Opt
             comp += [{"approach": "2", "model": m, "best accuracy": 100 * v} for m, v in r2.items()]
         parts.append("<h2 id='vgg16-vs-vgg19'>VGG16 vs VGG19</h2>" + table(pd.DataFrame(comp)))
 
+    parts += summaries_quality_section(
+        storage.read_parquet(cls_dir / "results.parquet") if (cls_dir / "results.parquet").exists() else None,
+        storage.read_parquet(ft_dir / "results.parquet") if (ft_dir / "results.parquet").exists() else None)
+    parts += predictions_sections(study, options)
     parts += _audit_section(study, options) + _curve_section(study)
     if cfg_text:
         parts.append(f"<h2 id='config'>Resolved config</h2><pre>{escape(cfg_text)}</pre>")
@@ -337,7 +344,23 @@ def _curve_section(study: Path) -> list[str]:
     meta = json.loads((d / "curve.json").read_text("utf-8"))
     img = (f"<img alt='data-availability curve' src='{png_uri((d / 'curve.png').read_bytes())}'>"
            if (d / "curve.png").exists() else "")
-    return [f"<h2 id='curve'>Data-availability curve</h2><p class='note'>{escape(meta['model'])}/"
-            f"{escape(meta['layer'])} + {escape(meta['classifier'])} trained on stratified fractions of the train "
-            f"split ({meta['seeds']} seeds each), scored on the fixed test split. Error bars: one standard "
-            f"deviation.</p>{img}" + table(storage.read_csv(d / "curve.csv"))]
+    runs = meta.get("runs") or {}
+    parts = [f"Approach 1: {escape(meta['model'])}/{escape(meta['layer'])} + {escape(meta['classifier'])}"]
+    if meta.get("method"):
+        parts.append(f"Approach 2: {escape(meta['method'])}")
+    fits = []
+    for a, f in (meta.get("fits") or {}).items():
+        if "c" in f:
+            spread = f.get("spread") or {}
+            c = (f"exponent c = {f['c']:.2f}" + (f" (seeds: {spread['c'][0]:.2f}-{spread['c'][1]:.2f})" if "c" in spread
+                                                 else "") + f", ceiling a = {100 * f['a']:.1f} %")
+            fits.append(f"Approach {escape(a)}: accuracy = a - b n<sup>-c</sup>, {c}" + (f"; {escape(f['note'])}"
+                                                                                         if f.get("note") else ""))
+        else:
+            fits.append(f"Approach {escape(a)}: {escape(f.get('note', 'no fit'))}")
+    return [f"<h2 id='curve'>Data-availability curve</h2><p class='note'>{'; '.join(parts)}, each trained on the same "
+            f"stratified fractions of the {escape(meta.get('protocol', 'image'))} train split ({meta['seeds']} seed(s) "
+            f"each, {', '.join(f'{n} runs of approach {a}' for a, n in runs.items())}), scored on the fixed test "
+            f"split. Error bars: one standard deviation over seeds.</p>",
+            f"<p><b>{escape(meta.get('verdict', ''))}</b></p>", img,
+            "<p class='note'>" + "<br>".join(fits) + "</p>" if fits else "", table(storage.read_csv(d / "curve.csv"))]

@@ -280,17 +280,28 @@ def write_sample(
     image_size: tuple[int, int] = (320, 240),
     start: datetime = datetime(2016, 8, 15, 7, 30),
     bad_frame: float = 0.25,
+    held_out: str | Path | None = None,
+    held_out_days: int = 2,
 ) -> dict[str, int]:
-    """Write images under OUT/YYYY-MM-DD/ and OUT/labels.csv; return counts of what was written."""
+    """Write images under OUT/YYYY-MM-DD/ and OUT/labels.csv; return counts of what was written.
+
+    ``held_out``: also write ``held_out_days`` more days there, drawn the same way and after the labelled ones
+    (the labelled days stay the same), with no labels: new days for `predict`. Their true activities go to
+    HELD_OUT/truth.csv, so the summaries made from the predictions can be checked; predict never reads it."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows: list[tuple[str, str]] = []
+    truth: list[tuple[str, str]] = []
     stats = {"images": 0, "labelled": 0, "unlisted": 0, "empty_label": 0, "unknown_label": 0, "broken": 0}
-    for day in range(days):
+    if held_out is not None:
+        stats["held_out"] = 0
+    for day in range(days + (held_out_days if held_out is not None else 0)):
         t = start + timedelta(days=day, minutes=int(rng.integers(0, 60)))
-        folder = out / t.strftime("%Y-%m-%d")
-        folder.mkdir(exist_ok=True)
+        new_day = day >= days
+        base = Path(held_out) if new_day else out
+        folder = base / t.strftime("%Y-%m-%d")
+        folder.mkdir(parents=True, exist_ok=True)
         cast = rng.uniform(0.75, 1.25, 3)  # the day's light: daylight, office lamps, a grey morning
         scenes: dict[str, Image.Image] = {}  # one place per activity and day: the same desk all day
         for r, (activity, n) in enumerate(day_plan(rng, images_per_day)):
@@ -301,7 +312,11 @@ def write_sample(
             for _ in range(n):
                 t += timedelta(seconds=int(rng.integers(18, 40)))
                 rel = f"{folder.name}/{t:%Y%m%d_%H%M%S}_000.jpg"
-                camera_frame(scenes[activity], cast, rng, bad_frame).save(out / rel, quality=88, exif=_exif(t))
+                camera_frame(scenes[activity], cast, rng, bad_frame).save(base / rel, quality=88, exif=_exif(t))
+                if new_day:
+                    truth.append((rel, activity))
+                    stats["held_out"] += 1
+                    continue
                 stats["images"] += 1
                 roll = rng.random()
                 if roll < 0.02:
@@ -329,10 +344,13 @@ def write_sample(
         (first / name).write_bytes(payload)
         rows.append((f"{first.name}/{name}", "using computer"))
         stats["broken"] += 1
-    with open(out / "labels.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["image_path", "label"])
-        w.writerows(rows)
+    for path, table in ((out / "labels.csv", rows), (Path(held_out) / "truth.csv" if held_out else None, truth)):
+        if path is None:
+            continue
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["image_path", "label"])
+            w.writerows(table)
     log.info("sample lifelog written to %s: %s", out, stats)
     return stats
 

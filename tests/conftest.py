@@ -41,7 +41,9 @@ def sample_lifelog(tmp_path_factory) -> Path:
     from lifelog_ray.sample import write_sample
 
     root = tmp_path_factory.mktemp("sample") / "lifelog"
-    write_sample(root, seed=1, days=2, images_per_day=45, image_size=(96, 72))
+    # and a held-out day beside it (new-days/, truth.csv): the study's predict stage labels it
+    write_sample(root, seed=1, days=2, images_per_day=45, image_size=(96, 72), held_out=root.parent / "new-days",
+                 held_out_days=1)
     return root
 
 

@@ -64,6 +64,7 @@ def study_config(root: Path, study: Path):
         "classify.search_space": str(ROOT / "jobs" / "configs" / "search_space_small.yaml"),
         "classify.classifiers": "svm,naive_bayes,bayesian_ridge", "finetune.methods": "m3",
         "finetune.weights": "none", "finetune.image_size": 32, "finetune.epochs": 1, "finetune.m3_units": 16,
+        "predict.images": str(root.parent / "new-days") if (root.parent / "new-days").is_dir() else None,
         "ray.progress_bars": False,
     })
 

@@ -14,7 +14,7 @@ from lifelog_ray.console import Console
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGES = ("manifest", "extract", "classify", "finetune", "report")
+STAGES = ("manifest", "extract", "classify", "finetune", "predict", "report")
 NOISE = ("Traceback", " INFO ", "(pid=", "oneDNN", "absl", "cuda", "PlacementGroupCleaner", "Running Dataset",
          "WARNING:")
 
@@ -22,13 +22,15 @@ NOISE = ("Traceback", " INFO ", "(pid=", "oneDNN", "absl", "cuda", "PlacementGro
 @pytest.mark.slow  # the demo's config end to end in its own process (its own local Ray): ~2 min on 2 cores
 def test_demo_run_prints_under_100_lines_with_every_stage_summary(tmp_path):
     made = subprocess.run([str(BIN / "lifelog-ray"), "sample", str(tmp_path / "lifelog"), "--days", "2",
-                           "--images-per-day", "45"], capture_output=True, text=True, timeout=300)
+                           "--images-per-day", "45", "--held-out", str(tmp_path / "new-days"), "--held-out-days", "1"],
+                          capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr
     study = tmp_path / "study"
     run = subprocess.run(
         [str(BIN / "lifelog-ray"), "run", "--config", str(ROOT / "jobs" / "configs" / "sample.yaml"),
          "--root", str(tmp_path / "lifelog"), "--labels", str(tmp_path / "lifelog" / "labels.csv"),
          "--study", str(study), "--ray-address", "local", "--set", "finetune.epochs=2",
+         "--set", f"predict.images={tmp_path / 'new-days'}",
          "--set", f"classify.search_space={ROOT / 'jobs' / 'configs' / 'search_space_small.yaml'}"],
         capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     out = run.stdout + run.stderr

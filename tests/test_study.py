@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from lifelog_ray.pipeline import run_study
-from lifelog_ray.predict import run_predict
+from lifelog_ray.predict import NOT_FRAMES, read_predictions, run_predict
 
 
 @pytest.fixture()
@@ -20,7 +20,7 @@ def study(local_study):
 
 def test_run_executes_every_stage_then_skips_them(study):
     cfg, rows = study
-    assert [r.stage for r in rows] == ["manifest", "extract", "classify", "finetune", "report"]
+    assert [r.stage for r in rows] == ["manifest", "extract", "classify", "finetune", "predict", "report"]
     assert all(r.status == "done" for r in rows), rows
     again = {r.stage: r.status for r in run_study(cfg)}
     assert again["extract"] == again["classify"] == again["finetune"] == "skipped"
@@ -34,7 +34,8 @@ def test_report_is_self_contained_with_tables_and_images(study):
     cfg, _ = study
     html = (cfg.study_dir / "report" / "index.html").read_text()
     for anchor in ("id='dataset'", "id='table3'", "id='table4'", "id='best'", "id='curves'", "id='misclassified'",
-                   "id='vgg16-vs-vgg19'", "id='config'", "id='timelines'", "id='smoothing'"):
+                   "id='vgg16-vs-vgg19'", "id='config'", "id='timelines'", "id='smoothing'", "id='summaries'",
+                   "id='ev-new-days'"):
         assert anchor in html, anchor
     assert "weights: none" in html and "randomly initialised" in html
     srcs = re.findall(r"src='([^']*)'", html)
@@ -43,23 +44,36 @@ def test_report_is_self_contained_with_tables_and_images(study):
     assert html.count("<table>") >= 7
 
 
+CHROMIUM = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
 def test_report_renders_in_headless_chromium(study, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
         pytest.skip("chromium is not installed (.ci/run installs it)")
     cfg, _ = study
     shot = tmp_path / "report.png"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2400",
-                    f"--screenshot={shot}", (cfg.study_dir / "report" / "index.html").as_uri()],
-                   check=True, timeout=120, capture_output=True)
+    page = (cfg.study_dir / "report" / "index.html").as_uri()
+    subprocess.run([chromium, *CHROMIUM, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2400",
+                    f"--screenshot={shot}", page], check=True, timeout=120, capture_output=True)
     from PIL import Image
 
     im = Image.open(shot).convert("L")
     assert im.size == (1280, 2400)
     hist = im.histogram()
     assert sum(hist[:200]) > 0.02 * im.size[0] * im.size[1]  # text, tables and images drawn, not a blank page
+    # the lifelog section's events table, filtered in the page by a link (the browser runs its script)
+    events = pd.read_parquet(cfg.study_dir / "predictions" / "new-days" / "events.parquet")
+    shown = events[~events["short"]]
+    activity = shown["activity"].value_counts().index[-1]
+    dom = subprocess.run([chromium, *CHROMIUM, f"--user-data-dir={tmp_path / 'profile2'}", "--dump-dom",
+                          f"{page}#ev-new-days?activity={activity}"], check=True, timeout=120, capture_output=True,
+                         text=True).stdout
+    table = dom.split("id=\"ev-new-days\" class=\"events\"", 1)[1].split("</table>", 1)[0]
+    rows = re.findall(r"<tr data-activity=\"([^\"]*)\"[^>]*?(style=\"display: none;\")?>", table)
+    assert rows and all((act == activity) == (not hidden) for act, hidden in rows), rows
+    assert re.search(rf'<span id="ev-new-days-n">{sum(a == activity for a, _ in rows)}</span>', dom)
 
 
 def test_predict_labels_a_new_day_partitioned_by_day(study, tmp_path):
@@ -69,8 +83,10 @@ def test_predict_labels_a_new_day_partitioned_by_day(study, tmp_path):
     new = tmp_path / "newdays"
     write_sample(new, seed=9, days=2, images_per_day=6, image_size=(96, 72))
     (new / "labels.csv").unlink()
-    out, n, _ = run_predict(cfg, str(new), "approach1", "new")
-    df = pd.read_parquet(out)
+    res = run_predict(cfg, str(new), "approach1", "new")
+    out, n = res.output, res.images
+    df = read_predictions(out)  # the day partitions; events.parquet and the summaries lie beside them
+    assert df.equals(pd.read_parquet(out, ignore_prefixes=NOT_FRAMES).astype({"day": str})[df.columns])
     assert len(df) == n == 12 + 3  # 12 drawn images + the sample's 3 broken files
     assert df["image_id"].is_unique
     ok = df[df["error"] == ""]
@@ -87,5 +103,14 @@ def test_predict_labels_a_new_day_partitioned_by_day(study, tmp_path):
     for day in ("2016-08-15", "2016-08-16"):  # a timeline per day, outside the Parquet partitions
         with Image.open(out / "_timelines" / f"{day}.png") as im:
             assert im.size[0] > 600 and len(im.getcolors(1 << 16) or []) > 10
-    out2, _, _ = run_predict(cfg, str(new), "approach2", "new-ft")  # the fine-tuned model too
-    assert pd.read_parquet(out2)["predicted_label"].notna().sum() == 12
+    # events and time budgets: every labelled frame in exactly one event, the budgets add up to the events
+    events = pd.read_parquet(out / "events.parquet")
+    assert events["n_frames"].sum() == ok["smoothed_label"].notna().sum() == 12
+    assert set(events["day"]) == {"2016-08-15", "2016-08-16"} and events["event_id"].is_unique
+    assert set(events["keyframe_id"]) <= set(ok["image_id"])
+    for by in ("day", "week", "month"):
+        b = pd.read_parquet(out / f"summary_by_{by}.parquet")
+        assert abs(b["minutes"].sum() - events["duration_s"].sum() / 60) < 1e-6 and b["frames"].sum() == 12
+    assert "events" in res.line()
+    out2 = run_predict(cfg, str(new), "approach2", "new-ft").output  # the fine-tuned model too
+    assert read_predictions(out2)["predicted_label"].notna().sum() == 12

@@ -16,6 +16,7 @@ import pandas as pd
 from .. import storage
 from ..config import SPLIT_NAMES, StudyConfig, write_resolved
 from ..errors import LifelogError
+from ..events import EVENT_METRICS, summary_metrics
 from ..lease import leased
 from ..metrics import METRIC_COLUMNS, TABLE_METRICS, full_report, scores
 from ..results import DEFAULT_PROTOCOL, best_row, of_protocol
@@ -112,6 +113,17 @@ def smooth_test(fs: FeatureSet, fitted: dict, method: str, seqs: dict[str, list[
     if smoother is None:
         return None, fitted["pred"]
     return smoother, np.argmax(smoother.apply(fitted["proba"]["test"], seqs["test"]), axis=1)
+
+
+def summary_scores(fs: FeatureSet, pred: np.ndarray, times: pd.DataFrame | None, max_gap_s: float) -> dict[str, float]:
+    """How good the lifelog summaries made from these test labels are: events and time budgets of the true
+    labels against the predicted ones (events.summary_metrics); NaN without timestamps."""
+    if times is None:
+        return dict.fromkeys(EVENT_METRICS, float("nan"))
+    t = times.reindex(fs.ids["test"])
+    frames = pd.DataFrame({"image_id": fs.ids["test"], "day": t["day"].to_numpy(), "timestamp": t["timestamp"].to_numpy(),
+                           "true": [fs.classes[i] for i in fs.y["test"]], "pred": [fs.classes[i] for i in pred]})
+    return summary_metrics(frames, "true", "pred", max_gap_s)
 
 
 def split_sequences(fs: FeatureSet, times: pd.DataFrame | None, max_gap_s: float) -> dict[str, list[np.ndarray]] | None:
@@ -322,7 +334,8 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
             variants.append(("smoothed", smoothing, smoothed, full_report(fs.y["test"], smoothed, fs.classes)))
         for temporal, smoothing_, pred, report in variants:
             result_rows.append({**row, "temporal": temporal, "smoothing": smoothing_,
-                                **{k: report[k] for k in METRIC_COLUMNS}})
+                                **{k: report[k] for k in METRIC_COLUMNS},
+                                **summary_scores(fs, pred, times, c.temporal_max_gap_s)})
             pred_frames.append(pd.DataFrame({
                 "protocol": protocol, "temporal": temporal, "model": fs.model, "layer": fs.layer,
                 "classifier": spec.name, "image_id": fs.ids["test"], "true": [fs.classes[i] for i in fs.y["test"]],

@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import checkpoints, progress, storage
+from . import checkpoints, placement, progress, storage
 from .backbones import BackboneSpec, application, build_base, legacy_keras_module, preprocess, resolve_weights
 from .config import SPLIT_NAMES, FinetuneConfig, StudyConfig, write_resolved
 from .errors import LifelogError
+from .events import summary_metrics
 from .images import decoded_images
 from .lease import leased
 from .metrics import METRIC_COLUMNS, TABLE_METRICS, full_report, scores
@@ -75,7 +76,7 @@ def build_method_model(keras, spec: BackboneSpec, method: str, n_classes: int, w
     return keras.Model(conv.inputs, out, name=f"{spec.model}_m3")
 
 
-def _weight_spec(f: FinetuneConfig, model: str, method: str) -> BackboneSpec:
+def weight_spec(f: FinetuneConfig, model: str, method: str) -> BackboneSpec:
     size = f.image_size
     if not needs_full_input(method) and f.weights.lower() != "none":
         size = 224  # pretrained files hold the 224 top; M3 uses only their (size-free) conv part
@@ -325,11 +326,12 @@ class FinetuneRun:
     protocol: str = "image"
 
 
-def _signature(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFrame) -> str:
-    f = cfg.finetune.model_dump(mode="json")
+def _signature(f: FinetuneConfig, model: str, method: str, manifest: pd.DataFrame) -> str:
+    col = split_column(f)
+    f = f.model_dump(mode="json")
     for k in ("models", "methods", "workers", "gpus_per_worker", "cpus_per_worker", "max_failures"):
         f.pop(k)  # how it runs, not what it learns
-    ids = hashlib.sha1("\n".join(manifest["image_id"] + manifest[split_column(cfg.finetune)]).encode()).hexdigest()
+    ids = hashlib.sha1("\n".join(manifest["image_id"] + manifest[col]).encode()).hexdigest()
     return hashlib.sha1(json.dumps([model, method, f, ids], sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -415,17 +417,28 @@ def refuse_old_checkpoints(run_dir: Path) -> None:
         checkpoints.check_format(checkpoints.read_state(run_dir / latest), str(run_dir))
 
 
+UNUSED = "unused"  # the split value of train images a subset run leaves out
+
+
 def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFrame, classes: list[str],
-                 weights: list[np.ndarray]) -> FinetuneRun:
+                 weights: list[np.ndarray], train_ids: set[str] | None = None, seed: int | None = None,
+                 out: Path | None = None, ray_dir: Path | None = None, light: bool = False) -> FinetuneRun:
+    """One fine-tuning run, skipped when its metrics.json is current, resumed from its last checkpoint when it
+    was interrupted. ``train_ids``: train on these images of the train split only (the data-availability
+    curve); validation and test stay whole. ``seed`` replaces finetune.seed; ``out`` and ``ray_dir`` the run's
+    folders; ``light`` keeps the scores and the history, not the model files."""
     import ray
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
 
-    f = cfg.finetune
+    f = cfg.finetune if seed is None else cfg.finetune.model_copy(update={"seed": seed})
     study = cfg.study_dir
-    out = study / "finetune" / model / run_dir_name(method, f.protocol)
-    sig = _signature(cfg, model, method, manifest)
+    out = out or study / "finetune" / model / run_dir_name(method, f.protocol)
     col = split_column(f)
+    if train_ids is not None:  # the left-out train images get a split of their own: no dataset reads them
+        manifest = manifest.copy()
+        manifest.loc[(manifest[col] == "train") & ~manifest["image_id"].astype(str).isin(train_ids), col] = UNUSED
+    sig = _signature(f, model, method, manifest)
     done = out / "metrics.json"
     if done.exists() and json.loads(done.read_text()).get("signature") == sig:
         m = json.loads(done.read_text())
@@ -443,11 +456,12 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
                                         f.seed, shuffle=False, jpeg_draft=cfg.extract.jpeg_draft, options=opts)
     # Checkpoints live with the study: on a multi-node cluster that must be S3/GCS or a shared filesystem.
     name = f"{model}-{method}-{sig}"
-    refuse_old_checkpoints(study / "finetune" / "_ray" / name)
-    ray_fs, ray_path = storage.arrow_filesystem(study / "finetune" / "_ray")
+    ray_dir = ray_dir or study / "finetune" / "_ray"
+    refuse_old_checkpoints(ray_dir / name)
+    ray_fs, ray_path = storage.arrow_filesystem(ray_dir)
     if ray_fs is None:
         ray_path = str(Path(ray_path).resolve())
-    run_dir = str(study / "finetune" / "_ray" / name) if storage.is_remote(study) else str(Path(ray_path) / name)
+    run_dir = str(ray_dir / name) if storage.is_remote(study) else str(Path(ray_path) / name)
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={"finetune": f.model_dump(), "spec": asdict(spec), "method": method, "classes": classes,
@@ -465,17 +479,20 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"]),
     )
-    with _epoch_progress(run_dir, cfg.storage.options, f"finetune {model}/{method}", f.epochs):
+    worker = {"CPU": f.cpus_per_worker, **({"GPU": f.gpus_per_worker} if f.gpus_per_worker else {})}
+    with placement.reserve([worker] * f.workers, f"finetune {model}/{method}"), \
+            _epoch_progress(run_dir, cfg.storage.options, f"finetune {model}/{method}", f.epochs):
         result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         d = Path(d)
         state = json.loads((d / "state.json").read_text())
         if not state.get("final"):
             raise LifelogError(f"fine-tuning {model}/{method} ended without its final checkpoint")
-        storage.write_bytes_atomic((d / "model.keras").read_bytes(), out / "model.keras")
-        trained = legacy_keras_module().models.load_model(str(d / "model.keras"), compile=False)
-        export_keras3(trained, spec, method, len(classes), f, out / KERAS3_FILE)
-        del trained
+        if not light:
+            storage.write_bytes_atomic((d / "model.keras").read_bytes(), out / "model.keras")
+            trained = legacy_keras_module().models.load_model(str(d / "model.keras"), compile=False)
+            export_keras3(trained, spec, method, len(classes), f, out / KERAS3_FILE)
+            del trained
         with np.load(d / "test.npz", allow_pickle=False) as z:
             test = {k: z[k] for k in z.files}
         with np.load(d / "val.npz", allow_pickle=False) as z:
@@ -485,7 +502,8 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
                                               val, test)
     history = pd.DataFrame(state["history"])
     storage.write_text_atomic(history.to_csv(index=False), out / "history.csv")
-    plot_history(history, out / "learning_curves.png", f"{model} {method.upper()}")
+    if not light:
+        plot_history(history, out / "learning_curves.png", f"{model} {method.upper()}")
     rep = full_report(y_true, y_pred, classes)
     cm = pd.DataFrame(rep["confusion"], index=classes, columns=classes)
     storage.write_text_atomic(cm.to_csv(index_label="true\\predicted"), out / "confusion.csv")
@@ -493,12 +511,20 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
                                   "true": [classes[i] for i in y_true], "pred": [classes[i] for i in y_pred],
                                   "smoothed": [classes[i] for i in smoothed]}),
                     out / "predictions.parquet")
-    scores_ = {k: rep[k] for k in METRIC_COLUMNS}
+    times = manifest.assign(image_id=manifest["image_id"].astype(str)).set_index("image_id").reindex(ids.astype(str))
+    frames = pd.DataFrame({"image_id": ids.astype(str), "day": times["day"].to_numpy(),
+                           "timestamp": times["timestamp"].to_numpy(), "true": [classes[i] for i in y_true],
+                           "pred": [classes[i] for i in y_pred], "smoothed": [classes[i] for i in smoothed]})
+    gap = cfg.classify.temporal_max_gap_s  # the test split's events and time budgets, true against predicted
+    scores_ = {**{k: rep[k] for k in METRIC_COLUMNS}, **summary_metrics(frames, "true", "pred", gap)}
     smoothed_rep = full_report(y_true, smoothed, classes)
+    trained_on = sorted(manifest.loc[manifest[col] == "train", "image_id"].astype(str))
     meta = {"signature": sig, "epochs": state["epoch"], "best_epoch": state["best_epoch"],
+            "n_train": len(trained_on), "train_ids_sha1": hashlib.sha1("\n".join(trained_on).encode()).hexdigest(),
             "protocol": f.protocol, "resumed_at": state["resumed_at"], "restores": state.get("restores", []), "scores": scores_, "report": rep, "classes": classes,
             "smoothing": smoother.describe() if smoother else "",
-            "smoothed_scores": {k: smoothed_rep[k] for k in METRIC_COLUMNS},
+            "smoothed_scores": {**{k: smoothed_rep[k] for k in METRIC_COLUMNS},
+                                **summary_metrics(frames, "true", "smoothed", gap)},
             "image_size": f.image_size, "preprocess": f"keras.applications.{model}.preprocess_input"}
     write_resolved(cfg, out)
     storage.write_text_atomic(json.dumps(meta, indent=1), done)  # last: marks the run complete
@@ -539,19 +565,17 @@ def run_finetune(cfg: StudyConfig) -> list[FinetuneRun]:
     plan = []
     for model in f.models:
         for method in f.methods:
-            ws = _weight_spec(f, model, method)
+            ws = weight_spec(f, model, method)
             key = (ws.model, ws.weights, ws.image_size)
             if key not in cache:
                 cache[key] = resolve_weights(ws)
             plan.append((model, method, cache[key]))
     ensure_ray(cfg.ray)
-    from .runtime import cluster_resources
-
-    cpus, _ = cluster_resources()
-    if f.workers * f.cpus_per_worker > cpus - 0.5:
-        raise LifelogError(
-            f"finetune: {f.workers} worker(s) x {f.cpus_per_worker} CPU leave no CPU for decoding images on a "
-            f"cluster of {cpus:g} CPUs; lower finetune.cpus_per_worker or finetune.workers")
+    # Judged on what the cluster can become: Ray Train's placement group makes the autoscaler add the nodes.
+    shape = placement.discover()
+    worker = {"CPU": f.cpus_per_worker, **({"GPU": f.gpus_per_worker} if f.gpus_per_worker else {})}
+    placement.check_capacity(shape, worker, f.workers, "finetune", spare_cpus=0.5)
+    log.info("finetune: %d worker(s) of %s on the %s", f.workers, worker, shape.describe())
     runs = [finetune_one(cfg, model, method, manifest, classes, w) for model, method, w in plan]
     md, df = table4(runs)
     storage.write_text_atomic(md, study / "finetune" / "table4.md")

@@ -46,12 +46,16 @@ class Choice:
 
 
 def best_approach1(study: Path, model: str | None = None, layer: str | None = None,
-                   classifier: str | None = None) -> Choice:
-    """The best Approach-1 pipeline of the study, optionally among one model, layer or classifier."""
+                   classifier: str | None = None, protocol: str = DEFAULT_PROTOCOL) -> Choice:
+    """The best Approach-1 pipeline of the study under ``protocol``, optionally among one model, layer or
+    classifier."""
     path = study / "classify" / "results.parquet"
     if not path.exists():
         raise LifelogError(f"{study}: no classify results; run `lifelog-ray classify` first")
-    r = of_protocol(storage.read_parquet(path))
+    r = of_protocol(storage.read_parquet(path), protocol)
+    if r.empty:
+        raise LifelogError(f"{study}: no classify results under the {protocol} protocol; run `lifelog-ray classify "
+                           f"--protocol {protocol}` (or both) first")
     for col, v in (("model", model), ("layer", layer), ("classifier", classifier)):
         if v:
             r = r[r[col] == v]

@@ -76,7 +76,8 @@ def test_audit_ranks_flipped_labels_far_above_chance(noisy_study):
 
 def test_curve_rises_within_error_bars_and_reaches_the_report(noisy_study):
     cfg, _ = noisy_study
-    s = run_curve(cfg, [0.1, 0.3, 1.0], seeds=3)
+    s = run_curve(cfg.model_copy(update={"curve": cfg.curve.model_copy(update={"fractions": [0.1, 0.3, 1.0],
+                                                                              "seeds": 3})}))
     assert list(s["fraction"]) == [0.1, 0.3, 1.0] and (s["runs"] == 3).all()
     m, e = s["accuracy_mean"].to_numpy(), s["accuracy_std"].to_numpy()
     n_test = int((pd.read_parquet(cfg.study_dir / "manifest.parquet")["split"] == "test").sum())

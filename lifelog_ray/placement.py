@@ -435,6 +435,17 @@ def wait_for_bundles(plan: ActorPlan, wait_s: float, settle_s: float) -> Provisi
         time.sleep(1.0)
 
 
+def _state_address() -> str | None:
+    """The GCS this driver is connected to, for Ray's state API: left to itself (no RAY_ADDRESS, as under
+    `--ray-address HOST:PORT`) it looks for a Ray on this machine, which may be another cluster's."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - not connected: the state API finds its own
+        return None
+
+
 class AutoscalerLog:
     """While a stage runs, the autoscaler's events (nodes added, removed, failures) go to the stage log,
     read through Ray's state API (the dashboard); silent where there is none."""
@@ -464,7 +475,9 @@ class AutoscalerLog:
         try:
             from ray.util.state import list_cluster_events
 
-            events = list_cluster_events(detail=True, limit=1000, raise_on_missing_output=False, _explain=False)
+            # oldest first, then cut at the limit: only the autoscaler's, and the dashboard's whole cache of them
+            events = list_cluster_events(_state_address(), filters=[("source_type", "=", "AUTOSCALER")],
+                                         detail=True, limit=10000, raise_on_missing_output=False, _explain=False)
         except Exception:  # noqa: BLE001 - no dashboard (a local Ray), or it is busy: nothing to copy
             return
         for e in events:
@@ -527,8 +540,8 @@ class ActorWatch:
             from ray.util.state import list_actors
 
             job = ray.get_runtime_context().get_job_id()
-            return [a for a in list_actors(filters=[("job_id", "=", job)], detail=True, limit=10000,
-                                           raise_on_missing_output=False, timeout=10)
+            return [a for a in list_actors(_state_address(), filters=[("job_id", "=", job)], detail=True,
+                                           limit=10000, raise_on_missing_output=False, timeout=10)
                     if self.class_name in (a.class_name or "")]
         except Exception:  # noqa: BLE001 - no dashboard, or it did not answer
             return None
@@ -540,8 +553,8 @@ class ActorWatch:
         try:
             from ray.util.state import list_nodes
 
-            nodes = {n.node_id: n for n in list_nodes(detail=True, limit=10000, raise_on_missing_output=False,
-                                                      timeout=10)}
+            nodes = {n.node_id: n for n in list_nodes(_state_address(), detail=True, limit=10000,
+                                                      raise_on_missing_output=False, timeout=10)}
         except Exception:  # noqa: BLE001
             return None
         mine = [a for a in actors if a.actor_id not in self.before]

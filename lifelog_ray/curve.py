@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ import pandas as pd
 from . import progress, storage
 from .classify.data import load_feature_set
 from .classify.estimators import fit_pca_classifier, load_search_space
-from .config import StudyConfig
+from .config import StudyConfig, rebase_paths
 from .errors import LifelogError
 from .lease import leased
 from .metrics import scores
@@ -149,6 +150,8 @@ def run_curve(cfg: StudyConfig) -> pd.DataFrame:
     from .classify.study import day_splits
     from .runtime import ensure_ray
 
+    # Ray Tune runs each trial in its own folder: the paths the trials use must not be relative
+    cfg = rebase_paths(cfg, os.getcwd())
     c, study = cfg.curve, cfg.study_dir
     cfg = study_settings(cfg, "classify", study / "classify")
     approaches = approaches_to_run(study, c.approach, c.protocol)

@@ -90,7 +90,8 @@ def test_whole_study_and_predict_with_images_and_outputs_on_s3(s3, sample_lifelo
                  output__study="s3://lifelog/study-run/study")
     rows = run_study(cfg)
     assert [(r.stage, r.status) for r in rows] == [
-        ("manifest", "done"), ("extract", "done"), ("classify", "done"), ("finetune", "done"), ("report", "done")]
+        ("manifest", "done"), ("extract", "done"), ("classify", "done"), ("finetune", "done"), ("predict", "off"),
+        ("report", "done")]
     assert not (tmp_path / "unused").exists()  # everything went to the bucket
 
     keys = set(fs.find("lifelog/study-run/study"))
@@ -178,7 +179,10 @@ def test_a_flaky_store_is_retried_by_botocore_and_s3fs_and_every_retry_is_counte
         faults = sum(proxy.counts[f] for f in ("slowdown", "drop_before", "drop_after"))
     assert got[:-1] == list(blobs.values())  # one concurrent batch of GETs, every file whole
     assert isinstance(got[-1], FileNotFoundError) and read_error(paths[-1], got[-1])[0] == "missing_file"
-    assert faults >= 10 and retried["botocore"] >= 1 and sum(retried.values()) >= faults // 2, (faults, retried)
+    # every 503 is an answer botocore (or, once its attempts are spent, s3fs) retries; a dropped connection may
+    # also be retried below them (aiohttp), unseen, so the drops bound nothing
+    assert faults >= 10 and retried["botocore"] >= 1, (proxy.counts, retried)
+    assert sum(retried.values()) >= proxy.counts["slowdown"], (proxy.counts, retried)
     assert storage.describe_retries(retried).startswith(f"{sum(retried.values())} object-store request(s) retried")
     # a store that keeps failing is not a bad image: the task fails (and the run resumes), no reject
     with pytest.raises(storage.StorageError, match="failed after its retries.*rerun"):

@@ -1,0 +1,289 @@
+"""cluster.yaml's cloud cluster, on this machine: a head with no CPU, GPU and CPU workers that Ray's own
+autoscaler starts from zero (lifelog_ray.local_cluster, 1 CPU per node, GPU types with 1 GPU), the images and
+the study on S3 (moto), so no node reads another's disk. One cluster for the module; each test starts from
+zero nodes and checks what a user of `ray job submit` would check."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from flaky_s3 import FlakyS3
+from helpers import ROOT, assert_whole_units
+
+from lifelog_ray.local_cluster import LocalCluster
+from lifelog_ray.predict import NOT_FRAMES
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+BIN = Path(sys.executable).parent
+BUCKET = "lifelog"
+# Our tasks and actors (Ray Data stages, Ray Train workers, Tune trials, the decode probe): none may run on the head.
+OURS = ("decode_batch", "read_batch", "FeatureExtractor", "ShardWriter", "PipelineClassifier", "FinetunedClassifier",
+        "PredictionWriter", "_keep_decoded", "probe", "RayTrainWorker", "ImplicitFunc", "_refit_remote", "_trial")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # gpu_worker and cpu_worker as in cluster.yaml (min 0), capped at what 2 cores hold; idle nodes go in 20 s
+    with LocalCluster(max_workers={"gpu_worker": 2, "cpu_worker": 1}, idle_timeout_s=20, heartbeat_timeout_s=8) as c:
+        yield c
+
+
+def upload(fs, local: Path, prefix: str) -> None:
+    for f in sorted(local.rglob("*")):
+        if f.is_file():
+            fs.put_file(str(f), f"{BUCKET}/{prefix}/{f.relative_to(local).as_posix()}")
+
+
+@pytest.fixture(scope="module")
+def lifelog(s3, tmp_path_factory):
+    """The sample lifelog (3 days, a day per split) and a held-out day, uploaded to the bucket."""
+    from lifelog_ray.sample import write_sample
+
+    fs, _ = s3
+    local = tmp_path_factory.mktemp("cluster-lifelog")
+    write_sample(local / "lifelog", seed=3, days=4, images_per_day=50, image_size=(96, 72))
+    days = sorted(p.name for p in (local / "lifelog").iterdir() if p.is_dir())
+    new_day = days[-1]  # held out: the predict stage labels it
+    labels = pd.read_csv(local / "lifelog" / "labels.csv")
+    labels[~labels["image_path"].str.startswith(new_day)].to_csv(local / "lifelog" / "labels.csv", index=False)
+    (local / "new").mkdir()
+    (local / "lifelog" / new_day).rename(local / "new" / new_day)
+    upload(fs, local / "lifelog", "cluster/images")
+    upload(fs, local / "new", "cluster/new")
+    return local
+
+
+def cloud_config(tmp: Path, options: dict, study: str, **over) -> Path:
+    """A scaled-down copy of jobs/configs/multiyear_gpu.yaml: the same stages and keys, a small model, S3 on moto."""
+    cfg = yaml.safe_load((ROOT / "jobs" / "configs" / "multiyear_gpu.yaml").read_text())
+    cfg["data"].update(root=f"s3://{BUCKET}/cluster/images", labels=f"s3://{BUCKET}/cluster/images/labels.csv", top_k=5)
+    cfg["extract"].update(models=["vgg19"], weights="none", image_size=32, batch_size=8, precision="float32",
+                          unit_size=16)
+    space = tmp / "space.yaml"  # one grid point each: every distributed XGBoost fit is a Ray Train run (~1 min here)
+    space.write_text(yaml.safe_dump({"naive_bayes": {"estimator": "sklearn.naive_bayes.GaussianNB",
+                                                     "grid": {"var_smoothing": [1.0e-9]}},
+                                     "xgboost": {"estimator": "xgboost.XGBClassifier", "fixed": {"tree_method": "hist"},
+                                                 "grid": {"max_depth": [3], "n_estimators": [20]}}}))
+    cfg["classify"].update(classifiers=["naive_bayes", "xgboost"], xgboost_distributed="always", xgboost_workers=2,
+                           cpus_per_trial=1, search_space=str(space), layers=["fc2"])
+    cfg["finetune"].update(weights="none", image_size=32, epochs=1, workers=1, cpus_per_worker=1, batch_size=8)
+    cfg["predict"] = {"images": f"s3://{BUCKET}/cluster/new"}
+    cfg["output"]["study"] = f"s3://{BUCKET}/{study}"
+    cfg["storage"]["options"] = options
+    cfg["ray"]["progress_bars"] = False
+    for key, value in over.items():
+        section, name = key.split(".")
+        cfg[section][name] = value
+    path = tmp / f"{study.replace('/', '-')}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def state(cluster: LocalCluster, what: str) -> list[dict]:
+    return cluster.api(f"/api/v0/{what}?detail=1&limit=10000")["data"]["result"]["result"]
+
+
+def wait_for_zero_workers(cluster: LocalCluster, timeout_s: float = 180) -> None:
+    cluster.wait_for(lambda: [n["node_type"] for n in cluster.nodes()] == ["ray.head.default"], timeout_s,
+                     "the idle workers to scale back to min_workers (0)")
+
+
+def features(study, layer: str, options: dict | None = None) -> pd.DataFrame:
+    from lifelog_ray import storage
+    from lifelog_ray.extract import read_features
+
+    t = read_features(storage.to_path(study, options), "vgg19", layer, ["image_id", "features"]).to_pandas()
+    return t.set_index("image_id").sort_index()
+
+
+def test_the_cloud_recipe_runs_on_an_autoscaling_cluster(cluster, s3, lifelog, tmp_path, ray_local):
+    """`ray job submit ... jobs/study.py --config` (multiyear_gpu.yaml scaled down) on a cluster of zero workers:
+    every stage runs, the model actors get GPUs on two GPU nodes at once, nothing of ours runs on the head,
+    Tune, XGBoost and fine-tuning bring up their own nodes, the features equal a single-node run's bit for
+    bit, and the workers scale back to zero afterwards."""
+    fs, options = s3
+    wait_for_zero_workers(cluster)
+    config = cloud_config(tmp_path, options, "cluster/study")
+    job = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(ROOT),
+                          "--", sys.executable, "jobs/study.py", "--config", str(config)],
+                         env=cluster.process_env(), capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    out = job.stdout + job.stderr
+    assert job.returncode == 0, out[-6000:]
+    fs.invalidate_cache()  # what the cluster wrote, not this process's listings from earlier tests
+    for stage in ("manifest", "extract", "classify", "finetune", "predict", "report"):
+        assert f"[{stage}] done" in out, out[-4000:]
+    assert "Traceback" not in out
+    assert "(2 model actors on 2 GPU nodes, decode cpu)" in out, out[-4000:]  # no nvImageCodec on these "GPUs"
+
+    nodes = {n["node_id"]: n for n in cluster.nodes(alive=False)}  # dead ones too: the workers may be gone
+    head = next(i for i, n in nodes.items() if n["head"])
+    actors, tasks = state(cluster, "actors"), state(cluster, "tasks")
+    model = [a for a in actors if "FeatureExtractor" in a["class_name"]]
+    assert model and all(a["required_resources"].get("GPU") == 1 for a in model), model
+    gpu_nodes = {a["node_id"] for a in model}
+    assert len(gpu_nodes) >= 2 and all(nodes[n]["resources"].get("GPU") == 1 for n in gpu_nodes), gpu_nodes
+    # at the same time: the pool held GPU actors on two GPU nodes at once (each actor's span runs from its
+    # creation to the end of its last task). On 2 shared cores one actor may run every batch while the other
+    # waits for input: decoding, not the model, is the bottleneck here.
+    node_of = {a["actor_id"]: a["node_id"] for a in model}
+    span: dict[str, list[float]] = {}
+    for t in tasks:
+        if t.get("actor_id") in node_of and t.get("start_time_ms") and t.get("end_time_ms"):
+            lo, hi = span.get(t["actor_id"], [t["start_time_ms"], t["end_time_ms"]])
+            span[t["actor_id"]] = [min(lo, t["start_time_ms"]), max(hi, t["end_time_ms"])]
+    assert any(node_of[a] != node_of[b] and span[a][0] < span[b][1] and span[b][0] < span[a][1]
+               for a in span for b in span), (span, node_of)
+    on_head = sorted({x.get("class_name") or x.get("name") for x in actors + tasks if x.get("node_id") == head})
+    assert not [x for x in on_head if any(o in x for o in OURS)], on_head
+    # Ray Tune's trials, distributed XGBoost and the fine-tuning worker ran on worker nodes the autoscaler added
+    trained = [a for a in actors if "RayTrainWorker" in a["class_name"]]
+    trials = [a for a in actors if "ImplicitFunc" in a["class_name"]]
+    names = sorted({a["class_name"] for a in actors})
+    assert trained and trials, names
+    assert all(a["node_id"] != head for a in trained + trials), [(a["class_name"], a["node_id"]) for a in trained + trials]
+    # finetune.gpus_per_worker 1: through its placement group (GPU_group_<id>), on a GPU node
+    gpu_trained = [a for a in trained if any(k.startswith("GPU") for k in a["required_resources"])]
+    assert gpu_trained and all(nodes[a["node_id"]]["resources"].get("GPU") for a in gpu_trained), trained
+
+    study = f"s3://{BUCKET}/cluster/study"
+    from lifelog_ray import storage
+    from lifelog_ray.extract import accounting
+
+    acc = accounting(storage.to_path(study, options), "vgg19", ["fc2"])["fc2"]
+    assert acc["features"] == acc["unique"] and acc["features"] + acc["rejects"] == acc["manifest"], acc
+    logs = fs.ls(f"{BUCKET}/cluster/study/logs")
+    extract_log = fs.cat_file(next(p for p in logs if "/extract-" in p)).decode()
+    assert "autoscaler: Adding" in extract_log and "gpu_worker" in extract_log  # the autoscaler's events
+    preds = pd.read_parquet(f"{study}/predictions/new", storage_options=options["s3"], ignore_prefixes=NOT_FRAMES)
+    assert len(preds) == 50 and preds["image_id"].is_unique
+    events = pd.read_parquet(f"{study}/predictions/new/events.parquet", storage_options=options["s3"])
+    assert events["n_frames"].sum() == preds["smoothed_label"].notna().sum()  # every labelled frame in one event
+
+    # the same config on one node (the test session's local Ray), images read from the same bucket
+    from lifelog_ray.config import load_config
+    from lifelog_ray.extract import run_extract
+    from lifelog_ray.ingest import build_manifest
+
+    local = load_config(config, {"output.study": str(tmp_path / "single"), "ray.address": "local"})
+    build_manifest(local)
+    run_extract(local)
+    for layer in ("flatten", "fc1", "fc2", "predictions"):
+        a, b = features(study, layer, options), features(tmp_path / "single", layer)
+        assert list(a.index) == list(b.index)
+        assert all(np.array_equal(x, y) for x, y in zip(a["features"], b["features"])), layer
+    wait_for_zero_workers(cluster)  # after the job, every idle worker goes: back to min_workers
+
+
+@pytest.fixture(scope="module")
+def long_lifelog(s3, tmp_path_factory):
+    """Enough frames that extraction at 128 px outlasts a node's loss and its replacement (~40 s here)."""
+    from lifelog_ray.sample import write_sample
+
+    fs, _ = s3
+    local = tmp_path_factory.mktemp("cluster-long") / "lifelog"
+    write_sample(local, seed=5, days=3, images_per_day=200, image_size=(96, 72))
+    upload(fs, local, "cluster/long")
+    return local
+
+
+def markers(fs, study: str) -> int:
+    try:
+        return len(fs.ls(f"{BUCKET}/{study}/features/vgg19/_units", refresh=True))
+    except FileNotFoundError:
+        return 0
+
+
+def test_a_gpu_node_lost_mid_extract_is_replaced_and_every_image_is_extracted_once(cluster, s3, long_lifelog,
+                                                                                  tmp_path):
+    fs, options = s3
+    wait_for_zero_workers(cluster)
+    study = "cluster/lost"
+    config = cloud_config(tmp_path, options, study, **{"data.root": f"s3://{BUCKET}/cluster/long",
+                                                       "data.labels": f"s3://{BUCKET}/cluster/long/labels.csv",
+                                                       "extract.image_size": 128, "extract.unit_size": 32})
+    env = cluster.process_env()
+    made = subprocess.run([str(BIN / "lifelog-ray"), "manifest", "--config", str(config)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    run = subprocess.Popen([str(BIN / "lifelog-ray"), "extract", "--config", str(config)], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        cluster.wait_for(lambda: markers(fs, study) >= 1, 600, "the first unit", every_s=0.3)
+        gpu_before = {n["node_id"] for n in cluster.nodes() if n["resources"].get("GPU")}
+        busy = {a["node_id"] for a in state(cluster, "actors")
+                if "FeatureExtractor" in a["class_name"] and a["state"] == "ALIVE"}
+        victim = sorted(busy & gpu_before)[0]
+        done_at_kill = markers(fs, study)
+        assert cluster.kill_node(victim) > 0
+        out, _ = run.communicate(timeout=1200)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, out[-5000:]
+    fs.invalidate_cache()  # the polling above listed folders mid-run: read what the cluster wrote afresh
+    total = len(pd.read_parquet(f"s3://{BUCKET}/{study}/manifest.parquet", storage_options=options["s3"]))
+    units = markers(fs, study)
+    assert done_at_kill < units, "the node was killed after the last unit: nothing was tested"
+    from lifelog_ray import storage
+    from lifelog_ray.extract import accounting
+
+    acc = accounting(storage.to_path(f"s3://{BUCKET}/{study}", options), "vgg19", ["fc2", "predictions"])
+    for layer, a in acc.items():  # every image exactly once: in the features or in the rejects
+        assert a["features"] == a["unique"] and a["features"] + a["rejects"] == a["manifest"] == total, (layer, a)
+        assert_whole_units(storage.to_path(f"s3://{BUCKET}/{study}/features/vgg19", options), layer, options)
+    # the autoscaler replaced the lost node while the run still needed it
+    gpu_after = {n["node_id"] for n in cluster.nodes(alive=False) if n["resources"].get("GPU")}
+    assert gpu_after - gpu_before, (gpu_before, gpu_after)
+    log = fs.cat_file(next(p for p in fs.ls(f"{BUCKET}/{study}/logs") if "/extract-" in p)).decode()
+    assert "lost contact with raylet" in log or "Removing 1 nodes of type gpu_worker" in log, log[-3000:]
+    wait_for_zero_workers(cluster)
+
+
+def test_a_flaky_object_store_costs_retries_not_images(cluster, s3, lifelog, tmp_path):
+    """A share of S3 requests answered 503 SlowDown or dropped (before moto sees them, or after it applied them):
+    extract and predict still write every image exactly once, and the stage logs say what was retried."""
+    fs, options = s3
+    wait_for_zero_workers(cluster)
+    host = options["s3"]["endpoint_url"].split("//", 1)[1]
+    with FlakyS3(host, rate=0.08, seed=7) as proxy:
+        flaky = {"s3": {**options["s3"], "endpoint_url": proxy.endpoint}}
+        config = cloud_config(tmp_path, flaky, "cluster/flaky", **{"classify.classifiers": ["naive_bayes"],
+                                                                   "classify.xgboost_distributed": "never"})
+        run = subprocess.run([str(BIN / "lifelog-ray"), "run", "--config", str(config), "--stages",
+                              "extract,classify,predict"], env=cluster.process_env(), capture_output=True, text=True,
+                             timeout=1500)
+        out = run.stdout + run.stderr
+        faults = {k: v for k, v in proxy.counts.items() if ":" not in k}
+    assert run.returncode == 0, out[-5000:]
+    fs.invalidate_cache()
+    assert sum(faults.get(f, 0) for f in ("slowdown", "drop_before", "drop_after")) >= 20, faults
+    study = f"s3://{BUCKET}/cluster/flaky"
+    from lifelog_ray import storage
+    from lifelog_ray.extract import accounting
+    from lifelog_ray.rejects import read_rejects
+
+    acc = accounting(storage.to_path(study, options), "vgg19", ["fc2"])["fc2"]
+    assert acc["features"] == acc["unique"] and acc["features"] + acc["rejects"] == acc["manifest"], acc
+    # a retried request never turned an image into a reject: the same rejects as on a healthy store
+    healthy = read_rejects(storage.to_path(f"s3://{BUCKET}/cluster/study", options))
+    flaky_rejects = read_rejects(storage.to_path(study, options))
+    assert sorted(flaky_rejects["image_id"]) == sorted(healthy["image_id"])
+    preds = pd.read_parquet(f"{study}/predictions/new", storage_options=options["s3"], ignore_prefixes=NOT_FRAMES)
+    assert len(preds) == 50 and preds["image_id"].is_unique
+    assert "object-store request(s) retried" in out  # on the console, in the extract and predict summaries
+    logs = {p.rsplit("/", 1)[1].split("-")[0]: fs.cat_file(p).decode() for p in fs.ls(f"{BUCKET}/cluster/flaky/logs")}
+    for stage in ("extract", "predict"):
+        assert "retried by botocore" in logs[stage] and "in this run" in logs[stage], logs[stage][-3000:]
+    summary = {stage: re.search(r"storage: (\d+) object-store request\(s\) retried \(([^)]*)\) in this run", logs[stage])
+               for stage in ("extract", "predict")}
+    assert all(summary.values()), summary
+    (tmp_path / "retries.json").write_text(json.dumps({"faults": faults, **{k: m.group(0) for k, m in summary.items()}}))

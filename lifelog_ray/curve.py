@@ -234,8 +234,9 @@ def _approach2(cfg: StudyConfig, groups: dict, tune_dir: Path) -> list[dict]:
                "out": str(out / f"a2-{model}-{method}-{c.protocol}-f{fr:g}-s{s}")} for (fr, s), ids in groups.items()]
     data = {"cfg": run_cfg.model_dump(mode="json"), "model": model, "method": method, "manifest": manifest,
             "classes": classes, "weights": weights}
-    # the trial only drives its Ray Train run, whose workers hold the resources
-    got = _grid(_a2_trial, data, points, {"cpu": 0}, "curve approach 2", side, tune_dir)
+    # the trial only drives its Ray Train run, whose workers hold the resources: no CPU of its own (Ray Tune
+    # refuses an empty bundle, hence one byte of memory), so it never keeps a run's workers off a CPU
+    got = _grid(_a2_trial, data, points, {"cpu": 0, "memory": 1}, "curve approach 2", side, tune_dir)
     return [{"method": f"{model}/{method}", **r} for r in got]
 
 

@@ -19,7 +19,7 @@ NOISE = ("Traceback", " INFO ", "(pid=", "oneDNN", "absl", "cuda", "PlacementGro
          "WARNING:")
 
 
-@pytest.mark.slow  # the demo's config end to end in its own process (its own local Ray): ~2 min on 2 cores
+@pytest.mark.slow  # the demo's config end to end in its own process (its own local Ray), M1 only: ~3 min
 def test_demo_run_prints_under_100_lines_with_every_stage_summary(tmp_path):
     made = subprocess.run([str(BIN / "lifelog-ray"), "sample", str(tmp_path / "lifelog"), "--days", "2",
                            "--images-per-day", "45", "--held-out", str(tmp_path / "new-days"), "--held-out-days", "1"],
@@ -29,7 +29,7 @@ def test_demo_run_prints_under_100_lines_with_every_stage_summary(tmp_path):
     run = subprocess.run(
         [str(BIN / "lifelog-ray"), "run", "--config", str(ROOT / "jobs" / "configs" / "sample.yaml"),
          "--root", str(tmp_path / "lifelog"), "--labels", str(tmp_path / "lifelog" / "labels.csv"),
-         "--study", str(study), "--ray-address", "local", "--set", "finetune.epochs=2",
+         "--study", str(study), "--ray-address", "local", "--set", "finetune.epochs=2", "--set", "finetune.methods=m1",
          "--set", f"predict.images={tmp_path / 'new-days'}",
          "--set", f"classify.search_space={ROOT / 'jobs' / 'configs' / 'search_space_small.yaml'}"],
         capture_output=True, text=True, timeout=1200, cwd=tmp_path)

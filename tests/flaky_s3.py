@@ -83,7 +83,9 @@ class FlakyS3:
                 for k, v in resp.getheaders():
                     if k.lower() not in HOP and k.lower() != "content-length":
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                # a HEAD has no body: its Content-Length is the object's size (s3fs sizes its reads by it)
+                length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length)
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

@@ -26,11 +26,11 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check lifelog_ray tests jobs benchmarks
 
-# The full suite (what CI runs).
+# The full suite (what CI runs); its 25 slowest tests close every run, so each CI log shows where the time goes.
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra --durations=25 tests
 
-# The edit loop: unit tests with no Ray, subprocess or S3 server (a few minutes on 2 cores).
+# The edit loop: unit tests with no Ray, subprocess or S3 server (under a minute on 2 cores).
 test-fast: $(STAMP) lint
 	$(BIN)/python -m pytest -q -ra -m "not integration and not slow" tests
 

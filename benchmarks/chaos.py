@@ -158,6 +158,7 @@ def soak(args: argparse.Namespace) -> dict:
                 plan = {"what": "driver" if rng.random() < args.driver_share else "actor",
                         "after_units": rng.randint(0, 2), "delay": rng.uniform(0, 2.0)}
             second = rng.random() < args.second_run_share
+            waiter = None  # a colleague's `extract --wait` queued behind this run: a Popen, so the loop (and its kill) goes on
             killed = False
             start_units = len(marked(model_dir)) if (model_dir / "_units").exists() else 0
             deadline = time.time() + args.run_timeout
@@ -165,19 +166,20 @@ def soak(args: argparse.Namespace) -> dict:
                 started = holds_lease(study, proc.pid)
                 if second and started:  # a colleague's same command, while this one holds the study
                     second = False
-                    wait = rng.random() < 0.5
-                    other = subprocess.run(extract + (["--wait"] if wait else []), env=env, capture_output=True,
-                                           text=True, timeout=args.run_timeout)
-                    stats["events"].append(f"{time.time() - t_start:7.1f}s   second run{' --wait' if wait else ''}: "
-                                           f"exit {other.returncode}")
-                    if other.returncode == 2 and "already running" in other.stderr:
-                        stats["second_runs"]["refused"] += 1
-                    elif other.returncode == 0 and wait:
-                        stats["second_runs"]["queued_and_finished"] += 1
-                    elif other.returncode == 0:
-                        stats["second_runs"]["ran_alone"] += 1  # the first had finished or died first
-                    else:
-                        stats["problems"].append(f"second run: exit {other.returncode}: {other.stderr[-500:]}")
+                    if rng.random() < 0.5:
+                        waiter = subprocess.Popen(extract + ["--wait"], env=env, stdout=subprocess.PIPE,
+                                                  stderr=subprocess.STDOUT, start_new_session=True)
+                        stats["events"].append(f"{time.time() - t_start:7.1f}s   second run --wait: queued")
+                    else:  # refused before any Ray work: seconds, so it may block the loop
+                        other = subprocess.run(extract, env=env, capture_output=True, text=True,
+                                               timeout=args.run_timeout)
+                        stats["events"].append(f"{time.time() - t_start:7.1f}s   second run: exit {other.returncode}")
+                        if other.returncode == 2 and "already running" in other.stderr:
+                            stats["second_runs"]["refused"] += 1
+                        elif other.returncode == 0:
+                            stats["second_runs"]["ran_alone"] += 1  # the first had finished or died first
+                        else:
+                            stats["problems"].append(f"second run: exit {other.returncode}: {other.stderr[-500:]}")
                 if plan and started:
                     n_units = len(marked(model_dir)) - start_units
                     if n_units >= plan["after_units"]:
@@ -186,6 +188,8 @@ def soak(args: argparse.Namespace) -> dict:
                             break
                         stats["events"].append(f"{time.time() - t_start:7.1f}s   kill {plan['what']}")
                         if plan["what"] == "driver":
+                            if waiter is not None:  # held while the dead run's leftovers are looked at below
+                                os.kill(waiter.pid, signal.SIGSTOP)
                             os.killpg(proc.pid, signal.SIGKILL)
                             killed = True
                         elif kill_actor():
@@ -198,6 +202,8 @@ def soak(args: argparse.Namespace) -> dict:
             if proc.poll() is None and not killed:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+                if waiter is not None:
+                    os.killpg(waiter.pid, signal.SIGKILL)
                 stats["problems"].append("a run exceeded --run-timeout")
                 return stats
             proc.wait()
@@ -208,6 +214,24 @@ def soak(args: argparse.Namespace) -> dict:
                 time.sleep(0.5)  # the killed Ray's processes exit
                 stats["problems"] += [f"after a kill: {p}" for p in reader_view(model_dir)]
                 stats["wasted_images"] += leftover_rows(model_dir)
+            if waiter is not None:  # it takes the lease when the first run ends, or over from the killed one
+                if killed:
+                    os.kill(waiter.pid, signal.SIGCONT)
+                try:
+                    waited = waiter.communicate(timeout=args.run_timeout)[0].decode(errors="replace")
+                except subprocess.TimeoutExpired:
+                    os.killpg(waiter.pid, signal.SIGKILL)
+                    stats["problems"].append("a queued run exceeded --run-timeout")
+                    return stats
+                stats["events"].append(f"{time.time() - t_start:7.1f}s   second run --wait: exit {waiter.returncode}")
+                if waiter.returncode != 0:
+                    stats["problems"].append(f"second run --wait: exit {waiter.returncode}: {waited[-500:]}")
+                    return stats
+                stats["second_runs"]["queued_and_finished"] += 1
+                if killed:  # the queued run took the dead run's lease over and completed the study
+                    stats["problems"] += [f"round {stats['rounds']}: {p}" for p in final_check(study)]
+                    break
+            if killed:
                 continue
             if proc.returncode != 0:
                 stats["problems"].append(f"run exit {proc.returncode}: {out[-800:]}")

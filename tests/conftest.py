@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from lifelog_ray.config import StudyConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -47,16 +54,39 @@ def sample_lifelog(tmp_path_factory) -> Path:
     return root
 
 
+@dataclass
+class DemoRun:
+    """The session's whole study on local disk: its config, what `lifelog-ray run` printed, its exit code."""
+
+    cfg: StudyConfig
+    output: str
+    returncode: int
+
+
+# The demo's config, as `make demo` runs it, at test size: 32 px, one fine-tuning method, the small grid.
+DEMO_SETS = {"extract.image_size": "32", "finetune.image_size": "32", "finetune.epochs": "2", "finetune.methods": "m1",
+             "classify.search_space": str(ROOT / "jobs" / "configs" / "search_space_small.yaml")}
+
+
 @pytest.fixture(scope="session")
-def local_study(tmp_path_factory, sample_lifelog, ray_local):
-    """The whole study, run once on local disk for every test that reads a finished study
-    (test_study.py; the S3 backend has its own run in test_storage.py)."""
-    from helpers import study_config
+def demo_run(tmp_path_factory, sample_lifelog) -> DemoRun:
+    """The session's one whole-study run on local disk, which many tests read: `lifelog-ray run` with the demo's
+    config (jobs/configs/sample.yaml) in its own process, starting its own local Ray, as a user types it.
+    test_console reads what it printed; test_study and test_curve read the study it wrote.
+    (The S3 study is the cloud recipe's, in test_cluster.py; the README recipe's is test_job_submit.py's.)"""
+    from lifelog_ray.config import load_config
 
-    from lifelog_ray.pipeline import run_study
-
-    cfg = study_config(sample_lifelog, tmp_path_factory.mktemp("study") / "s")
-    return cfg, run_study(cfg)
+    study = tmp_path_factory.mktemp("demo") / "study"
+    sets = [a for k, v in {**DEMO_SETS, "predict.images": str(sample_lifelog.parent / "new-days")}.items()
+            for a in ("--set", f"{k}={v}")]
+    run = subprocess.run([str(Path(sys.executable).parent / "lifelog-ray"), "run", "--config",
+                          str(ROOT / "jobs" / "configs" / "sample.yaml"), "--root", str(sample_lifelog),
+                          "--labels", str(sample_lifelog / "labels.csv"), "--study", str(study),
+                          "--ray-address", "local", *sets],
+                         capture_output=True, text=True, timeout=1200, cwd=study.parent)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-5000:]
+    return DemoRun(load_config(study / "config.yaml"), out, run.returncode)  # the config the run resolved
 
 
 @pytest.fixture(scope="session")

@@ -91,20 +91,25 @@ def test_jax_backend_equals_tensorflow_for_every_tap_without_tensorflow(tmp_path
 
 
 def test_extract_on_jax_through_ray_records_the_backend_and_refuses_a_mix(tmp_path, ray_local):
+    from lifelog_ray.extract import spec_for
+
     root, _ = make_study(tmp_path, n_per_class=4)
-    cfg = extract_config(tmp_path, root, layers="fc2,predictions")
-    build_manifest(cfg)
-    (s,) = run_extract(cfg)
-    tf = {la: read_features(tmp_path / "study", "vgg19", la).to_pandas().set_index("image_id") for la in ("fc2", "predictions")}
-    jax_cfg = extract_config(tmp_path, root, layers="fc2,predictions", backend="jax", overwrite=True)
+    jax_cfg = extract_config(tmp_path, root, layers="fc2,predictions", backend="jax")
+    build_manifest(jax_cfg)
     (sj,) = run_extract(jax_cfg)  # the model actors run Keras on JAX (KERAS_BACKEND set per actor)
-    assert sj.processed == s.processed == 12
+    assert sj.processed == 12
     sig = json.loads((tmp_path / "study" / "features" / "vgg19" / "_extract.json").read_text())
     assert (sig["backend"], sig["decode"]) == ("jax", "cpu")  # decode auto on a machine without a GPU
+    # the TensorFlow reference, in this process (Ray adds nothing to it): the same weights, the same decode
+    manifest = pd.read_parquet(tmp_path / "study" / "manifest.parquet")
+    spec = spec_for(jax_cfg, "vgg19")
+    pixels = np.stack([decode_image(Path(p).read_bytes(), SIZE, jax_cfg.extract.max_image_pixels)
+                       for p in manifest["path"]])
+    tf = dict(zip(spec.layers, FeatureExtractor(spec, resolve_weights(spec)).features(pixels)))
     for layer, ref in tf.items():
         got = read_features(tmp_path / "study", "vgg19", layer).to_pandas().set_index("image_id")
-        a, b = np.stack(got.loc[ref.index, "features"]), np.stack(ref["features"])
-        assert _close(a, b) <= 1e-4, layer
+        a = np.stack(got.loc[manifest["image_id"], "features"])
+        assert _close(a, ref) <= 1e-4, layer
     with pytest.raises(LifelogError, match="'backend': 'jax'.*'backend': 'tensorflow'.*--overwrite"):
         run_extract(extract_config(tmp_path, root, layers="fc2,predictions"))  # more images would mix backends
 

@@ -222,9 +222,9 @@ def test_leases_staging_and_takeover_on_s3(tmp_path, s3, ray_local):
 # --- a real SIGKILL, then plain readers, then the rerun -----------------------------------------------------
 
 @pytest.mark.integration
-@pytest.mark.slow
+@pytest.mark.slow  # the killed run is a CLI process starting its own Ray; the rerun runs in this process
 def test_after_a_sigkill_on_s3_readers_see_only_complete_units_and_a_rerun_completes_once(tmp_path, s3,
-                                                                                          sample_lifelog):
+                                                                                          sample_lifelog, ray_local):
     fs, options = s3
     uri = "s3://lifelog/killed"
     endpoint = options["s3"]["endpoint_url"]
@@ -253,8 +253,7 @@ def test_after_a_sigkill_on_s3_readers_see_only_complete_units_and_a_rerun_compl
     assert len(_marked_ids(model_dir)) >= 2
     for layer in LAYERS2:  # pd.read_parquet of the bucket's layer folder: nothing of an unfinished unit
         assert_whole_units(model_dir, layer, options)
-    out = subprocess.run(extract, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert cli.main(extract[3:]) == 0  # the same command, in this process (on the session's Ray)
     fs.invalidate_cache()  # the rerun deleted what the killed run left: forget this process's listing
     _check_exactly_once(storage.to_path(uri, options))
     assert not fs.exists("lifelog/killed/features/vgg19/_staging")

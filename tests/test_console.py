@@ -4,37 +4,20 @@ and nothing of Ray's, TensorFlow's or absl's; those go to STUDY/logs/<stage>-<ti
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from lifelog_ray.console import Console
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 STAGES = ("manifest", "extract", "classify", "finetune", "predict", "report")
 NOISE = ("Traceback", " INFO ", "(pid=", "oneDNN", "absl", "cuda", "PlacementGroupCleaner", "Running Dataset",
          "WARNING:")
 
 
-@pytest.mark.slow  # the demo's config end to end in its own process (its own local Ray), M1 only: ~3 min
-def test_demo_run_prints_under_100_lines_with_every_stage_summary(tmp_path):
-    made = subprocess.run([str(BIN / "lifelog-ray"), "sample", str(tmp_path / "lifelog"), "--days", "2",
-                           "--images-per-day", "45", "--held-out", str(tmp_path / "new-days"), "--held-out-days", "1"],
-                          capture_output=True, text=True, timeout=300)
-    assert made.returncode == 0, made.stderr
-    study = tmp_path / "study"
-    run = subprocess.run(
-        [str(BIN / "lifelog-ray"), "run", "--config", str(ROOT / "jobs" / "configs" / "sample.yaml"),
-         "--root", str(tmp_path / "lifelog"), "--labels", str(tmp_path / "lifelog" / "labels.csv"),
-         "--study", str(study), "--ray-address", "local", "--set", "finetune.epochs=2", "--set", "finetune.methods=m1",
-         "--set", f"predict.images={tmp_path / 'new-days'}",
-         "--set", f"classify.search_space={ROOT / 'jobs' / 'configs' / 'search_space_small.yaml'}"],
-        capture_output=True, text=True, timeout=1200, cwd=tmp_path)
-    out = run.stdout + run.stderr
-    assert run.returncode == 0, out[-5000:]
+@pytest.mark.slow  # reads the session's whole-study run (conftest.py's demo_run: the demo's config, its own process)
+def test_demo_run_prints_under_100_lines_with_every_stage_summary(demo_run):
+    out, study = demo_run.output, demo_run.cfg.study_dir
+    assert demo_run.returncode == 0, out[-5000:]
     lines = out.splitlines()
     assert len(lines) <= 100, out
     for stage in STAGES:

@@ -16,6 +16,7 @@ import pytest
 from helpers import LAYERS, assert_whole_units, extract_config, make_study
 
 from lifelog_ray import storage
+from lifelog_ray.cli import main as cli_main
 from lifelog_ray.extract import accounting, read_features, run_extract
 from lifelog_ray.ingest import build_manifest
 
@@ -63,8 +64,8 @@ def test_model_actor_killed_mid_extraction(tmp_path, ray_local):
     assert ray.is_initialized()
 
 
-@pytest.mark.integration  # runs the CLI in subprocesses, each starting its own Ray
-def test_driver_killed_then_rerun_resumes_with_less_work(tmp_path, sample_lifelog):
+@pytest.mark.integration  # the killed run is a CLI process starting its own Ray; the rerun runs in this process
+def test_driver_killed_then_rerun_resumes_with_less_work(tmp_path, sample_lifelog, ray_local, capsys):
     study = tmp_path / "study"
     cli = [sys.executable, "-m", "lifelog_ray"]
     base = ["--study", str(study), "--log-level", "WARNING"]
@@ -92,9 +93,10 @@ def test_driver_killed_then_rerun_resumes_with_less_work(tmp_path, sample_lifelo
     # between a unit's publication and its marker, that one whole unit), nothing of unfinished units
     for layer in ("fc2", "predictions"):
         assert_whole_units(study / "features" / "vgg19", layer)
-    out = subprocess.run(extract, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    line = [ln for ln in out.stdout.splitlines() if ln.startswith("extract vgg19:")][0]
+    # the same command again, in this process (on the session's Ray: a new process would add nothing here)
+    capsys.readouterr()
+    assert cli_main(extract[3:]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("extract vgg19:")][0]
     skipped = int(line.split(" rejected, ")[1].split(" already done")[0])
     assert skipped > 0  # less work than a fresh run
     _check_exactly_once(study, ["fc2", "predictions"])

@@ -117,7 +117,7 @@ def test_saved_pipelines_reload_safely(digits_study):
     study, _, d, res = digits_study
     preds = pd.read_parquet(study / "classify" / "predictions.parquet")
     X_test = d["X"][d["te"]]
-    for clf in ("svm", "xgboost", "bayesian_ridge"):
+    for clf in ("svm", "random_forest", "naive_bayes", "xgboost", "bayesian_ridge"):  # every classifier of the paper
         pipe = load_pipeline(study, "digits", "pixels", clf)
         got = pipe.predict(X_test)
         want = preds[preds["classifier"] == clf]["pred"].tolist()

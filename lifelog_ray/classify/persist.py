@@ -21,8 +21,10 @@ from ..temporal import class_scores
 from .data import FeatureSet
 from .estimators import ClassifierSpec
 
-# Types a saved scikit-learn pipeline may contain beyond skops' defaults: our own estimators only.
-TRUSTED_TYPES = ["lifelog_ray.classify.estimators.BayesianRidgeClassifier"]
+# Types a saved scikit-learn pipeline may contain beyond skops' defaults: scikit-learn's own tree structure (a
+# random forest's trees: arrays of nodes and values, which skops rebuilds without running code) and our own
+# estimators. Without the first, predict refused every study whose best pipeline was a random forest.
+TRUSTED_TYPES = ["sklearn.tree._tree.Tree", "lifelog_ray.classify.estimators.BayesianRidgeClassifier"]
 
 
 def serialize(est: Any, is_xgboost: bool) -> tuple[bytes, str]:

@@ -72,3 +72,42 @@ def test_no_test_module_imports_another():
     reaches = [(p.name, t) for p in (ROOT / "tests").glob("*.py") for t, _ in _imports(p)
                if t in tests or t == "conftest"]
     assert not reaches, reaches
+
+
+def _readme_test_names() -> list[tuple[str, str | None]]:
+    """(file, test or None) for every test the README's Reliability table names; `::name` after a file name in
+    the same cell belongs to that file."""
+    import re
+
+    text = (ROOT / "README.md").read_text("utf-8")
+    table = text.split("What the tool guarantees, and the test that checks each guarantee:", 1)[1].strip().split("\n\n", 1)[0]
+    out = []
+    for row in table.splitlines()[2:]:
+        current = None
+        for ref in re.findall(r"`((?:test_\w+\.py)?(?:::test_\w+)?)`", row.rsplit("|", 2)[-2]):
+            file, _, name = ref.partition("::")
+            current = file or current
+            out.append((current, name or None))
+    return out
+
+
+def test_every_test_the_reliability_table_names_exists_and_make_test_runs_it():
+    named = _readme_test_names()
+    assert len(named) >= 20, named
+    defined = {p.name: {n.name for n in ast.parse(p.read_text()).body if isinstance(n, ast.FunctionDef)}
+               for p in (ROOT / "tests").glob("test_*.py")}
+    missing = [(f, t) for f, t in named if f not in defined or (t and t not in defined[f])]
+    assert not missing, f"the README names tests that do not exist: {missing}"
+    # `make test` runs the whole tests/ folder, deselecting nothing (no -m, no -k, no --ignore)
+    recipe = (ROOT / "Makefile").read_text().split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    assert "pytest" in recipe and " tests" in recipe and not any(f in recipe for f in (" -m ", " -k ", "--ignore"))
+
+
+def test_tests_readme_gives_every_module_a_budget():
+    import re
+
+    text = (ROOT / "tests" / "README.md").read_text("utf-8")
+    budgets = dict(re.findall(r"^\| `(test_\w+\.py)` \| (\d+) \|", text, re.M))
+    modules = {p.name for p in (ROOT / "tests").glob("test_*.py")}
+    assert modules == set(budgets), (sorted(modules - set(budgets)), sorted(set(budgets) - modules))
+    assert sum(int(b) for b in budgets.values()) <= 25 * 60  # the suite's budget: 25 minutes on 2 cores

@@ -121,6 +121,10 @@ def test_the_cloud_recipe_runs_on_an_autoscaling_cluster(cluster, s3, lifelog, t
     out = job.stdout + job.stderr
     assert job.returncode == 0, out[-6000:]
     fs.invalidate_cache()  # what the cluster wrote, not this process's listings from earlier tests
+    keys, s = set(fs.find(f"{BUCKET}/cluster/study")), f"{BUCKET}/cluster/study/"
+    for f in ("finetune/table4.csv", "finetune/vgg19/m2/model.keras", "finetune/vgg19/m2/learning_curves.png"):
+        assert s + f in keys, f  # fine-tuning's outputs, in the bucket
+    assert any(k.startswith(s + "finetune/_ray/") and k.endswith("state.json") for k in keys)  # its checkpoints too
     for stage in ("manifest", "extract", "classify", "finetune", "predict", "report"):
         assert f"[{stage}] done" in out, out[-4000:]
     assert "Traceback" not in out

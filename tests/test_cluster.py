@@ -20,6 +20,7 @@ import yaml
 from flaky_s3 import FlakyS3
 from helpers import ROOT, assert_whole_units
 
+from lifelog_ray import storage
 from lifelog_ray.local_cluster import LocalCluster
 from lifelog_ray.predict import NOT_FRAMES
 
@@ -100,7 +101,6 @@ def wait_for_zero_workers(cluster: LocalCluster, timeout_s: float = 180) -> None
 
 
 def features(study, layer: str, options: dict | None = None) -> pd.DataFrame:
-    from lifelog_ray import storage
     from lifelog_ray.extract import read_features
 
     t = read_features(storage.to_path(study, options), "vgg19", layer, ["image_id", "features"]).to_pandas()
@@ -121,10 +121,16 @@ def test_the_cloud_recipe_runs_on_an_autoscaling_cluster(cluster, s3, lifelog, t
     out = job.stdout + job.stderr
     assert job.returncode == 0, out[-6000:]
     fs.invalidate_cache()  # what the cluster wrote, not this process's listings from earlier tests
+    # every stage's outputs went to the bucket (this is also the suite's whole study on S3)
     keys, s = set(fs.find(f"{BUCKET}/cluster/study")), f"{BUCKET}/cluster/study/"
-    for f in ("finetune/table4.csv", "finetune/vgg19/m2/model.keras", "finetune/vgg19/m2/learning_curves.png"):
-        assert s + f in keys, f  # fine-tuning's outputs, in the bucket
-    assert any(k.startswith(s + "finetune/_ray/") and k.endswith("state.json") for k in keys)  # its checkpoints too
+    for f in ("manifest.parquet", "rejects.parquet", "categories.csv", "config.yaml", "features/vgg19/_extract.json",
+              "classify/table3.md", "classify/_done.json", "finetune/table4.csv", "finetune/vgg19/m2/model.keras",
+              "finetune/vgg19/m2/learning_curves.png", "report/index.html"):
+        assert s + f in keys, f
+    assert any(re.match(re.escape(s) + r"features/vgg19/fc2/\d{4}-\d{2}/.*\.parquet$", k) for k in keys)  # month folders
+    assert any(k.startswith(s + "finetune/_ray/") and k.endswith("state.json") for k in keys)  # Ray Train checkpoints
+    html = fs.cat(s + "report/index.html").decode()
+    assert "id='misclassified'" in html and "data:image/jpeg;base64," in html  # thumbnails read from S3
     for stage in ("manifest", "extract", "classify", "finetune", "predict", "report"):
         assert f"[{stage}] done" in out, out[-4000:]
     assert "Traceback" not in out
@@ -161,7 +167,6 @@ def test_the_cloud_recipe_runs_on_an_autoscaling_cluster(cluster, s3, lifelog, t
     assert gpu_trained and all(nodes[a["node_id"]]["resources"].get("GPU") for a in gpu_trained), trained
 
     study = f"s3://{BUCKET}/cluster/study"
-    from lifelog_ray import storage
     from lifelog_ray.extract import accounting
 
     acc = accounting(storage.to_path(study, options), "vgg19", ["fc2"])["fc2"]
@@ -171,6 +176,15 @@ def test_the_cloud_recipe_runs_on_an_autoscaling_cluster(cluster, s3, lifelog, t
     assert "autoscaler: Adding" in extract_log and "gpu_worker" in extract_log  # the autoscaler's events
     preds = pd.read_parquet(f"{study}/predictions/new", storage_options=options["s3"], ignore_prefixes=NOT_FRAMES)
     assert len(preds) == 50 and preds["image_id"].is_unique
+    parts = [k for k in keys if "/predictions/new/" in k and k.endswith(".parquet")
+             and not k.rsplit("/", 1)[1].startswith(tuple(NOT_FRAMES))]
+    assert parts and all("/day=" in k for k in parts)  # the frames are the day partitions
+    import pyarrow.dataset as pads
+
+    afs, path = storage.arrow_filesystem(storage.to_path(f"{study}/predictions/new", options))
+    frames = pads.dataset(path, filesystem=afs, format="parquet", partitioning="hive",
+                          ignore_prefixes=NOT_FRAMES).to_table()  # pyarrow, not only pandas: not events.parquet
+    assert frames.num_rows == 50 and s + "predictions/new/summary_by_week.parquet" in keys
     events = pd.read_parquet(f"{study}/predictions/new/events.parquet", storage_options=options["s3"])
     assert events["n_frames"].sum() == preds["smoothed_label"].notna().sum()  # every labelled frame in one event
 
@@ -186,6 +200,11 @@ def test_the_cloud_recipe_runs_on_an_autoscaling_cluster(cluster, s3, lifelog, t
         a, b = features(study, layer, options), features(tmp_path / "single", layer)
         assert list(a.index) == list(b.index)
         assert all(np.array_equal(x, y) for x, y in zip(a["features"], b["features"])), layer
+    # the study in the bucket resumes from its own markers: from this machine, nothing is extracted or fitted again
+    from lifelog_ray.pipeline import run_study
+
+    again = {r.stage: r.status for r in run_study(load_config(config, {"ray.address": "local"}), ("extract", "classify"))}
+    assert again == {"extract": "skipped", "classify": "skipped"}, again
     # the workers scaling back to zero is checked once, at the end of the chain (the bad day, next)
 
 
@@ -255,7 +274,6 @@ def test_a_bad_day_a_gpu_node_lost_mid_extract_behind_a_flaky_object_store(clust
     manifest = pd.read_parquet(f"s3://{BUCKET}/{study}/manifest.parquet", storage_options=options["s3"])
     units = markers(fs, study)
     assert done_at_kill < units, "the node was killed after the last unit: nothing was tested"
-    from lifelog_ray import storage
     from lifelog_ray.extract import accounting
     from lifelog_ray.rejects import read_rejects
 

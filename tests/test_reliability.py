@@ -1,11 +1,10 @@
-"""Faults during long runs: a killed model actor, a killed driver, a failed write. Nothing lost, nothing twice."""
+"""Faults during long runs: a killed model actor, a failed write, a huge image. Nothing lost, nothing twice.
+(A killed driver: test_concurrency.py, on S3 and in the chaos soak.)"""
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -13,10 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pytest
-from helpers import LAYERS, assert_whole_units, extract_config, make_study
+from helpers import LAYERS, extract_config, make_study
 
 from lifelog_ray import storage
-from lifelog_ray.cli import main as cli_main
 from lifelog_ray.extract import accounting, read_features, run_extract
 from lifelog_ray.ingest import build_manifest
 
@@ -62,44 +60,6 @@ def test_model_actor_killed_mid_extraction(tmp_path, ray_local):
     assert summary.processed == 90
     _check_exactly_once(tmp_path / "study")
     assert ray.is_initialized()
-
-
-@pytest.mark.integration  # the killed run is a CLI process starting its own Ray; the rerun runs in this process
-def test_driver_killed_then_rerun_resumes_with_less_work(tmp_path, sample_lifelog, ray_local, capsys):
-    study = tmp_path / "study"
-    cli = [sys.executable, "-m", "lifelog_ray"]
-    base = ["--study", str(study), "--log-level", "WARNING"]
-    subprocess.run(cli + ["manifest", "--root", str(sample_lifelog), "--labels", str(sample_lifelog / "labels.csv"),
-                          "--top-k", "5"] + base, check=True, capture_output=True, timeout=120)
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
-    extract = cli + ["extract", "--weights", "none", "--image-size", "32", "--layers", "fc2,predictions",
-                     "--batch-size", "4"] + base
-    cfg_file = tmp_path / "small_units.yaml"
-    cfg_file.write_text("extract:\n  unit_size: 6\nray:\n  progress_bars: false\n")
-    extract += ["--config", str(cfg_file)]
-    proc = subprocess.Popen(extract, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    units = study / "features" / "vgg19" / "_units"
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(units.glob("*.json"))) < 2:
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-run
-    proc.wait()
-    done_before = len(list(units.glob("*.json")))
-    assert done_before >= 2
-    # a plain reader of a layer folder sees whole units only: the marked ones (and, had the kill fallen
-    # between a unit's publication and its marker, that one whole unit), nothing of unfinished units
-    for layer in ("fc2", "predictions"):
-        assert_whole_units(study / "features" / "vgg19", layer)
-    # the same command again, in this process (on the session's Ray: a new process would add nothing here)
-    capsys.readouterr()
-    assert cli_main(extract[3:]) == 0
-    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("extract vgg19:")][0]
-    skipped = int(line.split(" rejected, ")[1].split(" already done")[0])
-    assert skipped > 0  # less work than a fresh run
-    _check_exactly_once(study, ["fc2", "predictions"])
 
 
 def test_interrupted_write_leaves_no_partial_shard(tmp_path, monkeypatch):

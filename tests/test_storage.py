@@ -1,4 +1,5 @@
-"""Lifelogs and studies on object storage: s3:// paths against a local S3 endpoint (moto's server)."""
+"""Lifelogs and studies on object storage: s3:// paths against a local S3 endpoint (moto's server). The whole study
+on S3 (every stage, predict, a resume from the bucket's markers) is the cloud recipe's, in test_cluster.py."""
 
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ from upath import UPath
 from lifelog_ray import storage
 from lifelog_ray.config import StudyConfig
 from lifelog_ray.ingest import build_manifest
-from lifelog_ray.pipeline import run_study
-from lifelog_ray.predict import NOT_FRAMES, run_predict
 
 
 def _on_s3(cfg: StudyConfig, options: dict, **paths: str) -> StudyConfig:
@@ -80,50 +79,6 @@ def test_ingest_from_s3_matches_local_and_rejects_paths_outside_the_root(s3, sam
     new = rej[rej.index.isin(extra["image_path"])].to_dict()
     assert new == {"../other/20160815_090000_000.jpg": "path_outside_root", "2016-08-15/nope.jpg": "missing_file",
                    "s3://lifelog/elsewhere/x.jpg": "path_outside_root"}
-
-
-def test_whole_study_and_predict_with_images_and_outputs_on_s3(s3, sample_lifelog, ray_local, tmp_path):
-    fs, options = s3
-    fs.put(f"{sample_lifelog}/", "lifelog/study-run/raw/", recursive=True)
-    cfg = _on_s3(study_config(sample_lifelog, tmp_path / "unused"), options,
-                 data__root="s3://lifelog/study-run/raw", data__labels="s3://lifelog/study-run/raw/labels.csv",
-                 output__study="s3://lifelog/study-run/study")
-    # Fine-tuning on S3 (its Ray Train checkpoints, model and curves in the bucket) is the cloud recipe's, in
-    # test_cluster.py: its study lives on the same S3 server. Here it is off, as with no methods configured.
-    cfg.finetune.methods = []
-    rows = run_study(cfg)
-    assert [(r.stage, r.status) for r in rows] == [
-        ("manifest", "done"), ("extract", "done"), ("classify", "done"), ("finetune", "off"), ("predict", "off"),
-        ("report", "done")]
-    assert not (tmp_path / "unused").exists()  # everything went to the bucket
-
-    keys = set(fs.find("lifelog/study-run/study"))
-    s = "lifelog/study-run/study/"
-    for f in ("manifest.parquet", "rejects.parquet", "categories.csv", "config.yaml", "features/vgg19/_extract.json",
-              "classify/table3.md", "classify/_done.json", "report/index.html"):
-        assert s + f in keys, f
-    assert any(k.startswith(s + "features/vgg19/fc2/2016-08/") and k.endswith(".parquet") for k in keys)
-    html = fs.cat(s + "report/index.html").decode()
-    assert "id='misclassified'" in html and "data:image/jpeg;base64," in html  # thumbnails read from S3
-
-    again = {r.stage: r.status for r in run_study(cfg)}  # resumable from the bucket's markers
-    assert again["extract"] == again["classify"] == "skipped"
-
-    day = "s3://lifelog/study-run/raw/2016-08-16"
-    res = run_predict(cfg, day, which="approach1")
-    out, n = res.output, res.images
-    assert str(out) == "s3://lifelog/study-run/study/predictions/2016-08-16"
-    parts = [k for k in fs.find(out.path) if k.endswith(".parquet") and not k.rsplit("/", 1)[1].startswith(tuple(NOT_FRAMES))]
-    assert parts and all("/day=" in k for k in parts)
-    import pyarrow.dataset as pads
-
-    afs, path = storage.arrow_filesystem(out)
-    pred = pads.dataset(path, filesystem=afs, format="parquet", partitioning="hive",
-                        ignore_prefixes=NOT_FRAMES).to_table().to_pandas()  # not events.parquet, not the summaries
-    assert fs.exists(f"{out.path}/events.parquet") and fs.exists(f"{out.path}/summary_by_week.parquet")
-    assert len(pred) == n == len([k for k in fs.find(day[len("s3://"):]) if k.endswith(".jpg")])
-    ok = pred[pred["error"] == ""]
-    assert len(ok) and ok["predicted_label"].notna().all()
 
 
 def test_cli_reads_a_lifelog_on_s3_with_storage_options_from_set(s3, sample_lifelog, tmp_path, capsys):

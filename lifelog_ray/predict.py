@@ -284,11 +284,20 @@ def run_predict(cfg: StudyConfig, images: str | None = None, which: str | None =
     name = name or cfg.predict.name
     if not images:
         raise LifelogError("predict: no images to label; pass --images DIR (or set predict.images)")
+    # The output folder is deleted and rewritten below: its name must keep it inside STUDY/predictions/.
+    if name:
+        name = storage.plain_name(name, "predict --name")
+    else:
+        derived = Path(images.rstrip("/")).stem
+        try:
+            name = storage.plain_name(derived, "the prediction set name taken from the images' folder,")
+        except LifelogError as e:
+            raise LifelogError(f"{e}; pass --name NAME") from None
     study = cfg.study_dir
     choice = choose_pipeline(study, which)
     rows = list_images(images, cfg.data.extensions, cfg.storage.options)
     rows["timestamp"] = rows["timestamp"].astype(str)
-    out = study / "predictions" / (name or Path(images.rstrip("/")).stem)
+    out = study / "predictions" / name
     e = cfg.extract
     if choice.approach == 1:
         layer, clf = choice.variant.split("/")

@@ -182,6 +182,18 @@ def write_table_atomic(table: pa.Table, p: Path, **kwargs: Any) -> Path:
     return p
 
 
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def plain_name(name: str, what: str) -> str:
+    """``name`` if it can be one folder's name inside a study (letters, digits, `.`, `_`, `-`; no separator, no
+    `..`), else a one-line error: a name from a flag, a folder or a data column never decides where files go."""
+    if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name) or ".." in name:
+        raise LifelogError(f"{what} {name!r} is not a plain name (letters, digits, '.', '_', '-'; no '/', no '..'): "
+                           f"it names a folder inside the study")
+    return name
+
+
 def rmtree(p: Path) -> None:
     if is_remote(p):
         if p.exists():

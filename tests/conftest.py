@@ -19,11 +19,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tiers: a test that needs the shared Ray or the S3 server is `integration` (left out of `make
-    test-fast`); tests that start their own Ray cluster (`cluster`) run after all the others, once the
-    shared Ray is no longer needed."""
+    """Tiers: a test that needs the shared Ray, the S3 server or the session's whole-study run is `integration`
+    (left out of `make test-fast`); tests that start their own Ray cluster (`cluster`) run after all the
+    others, once the shared Ray is no longer needed."""
     for item in items:
-        if {"ray_local", "s3"} & set(item.fixturenames) or item.get_closest_marker("cluster"):
+        if {"ray_local", "s3", "demo_run"} & set(item.fixturenames) or item.get_closest_marker("cluster"):
             item.add_marker(pytest.mark.integration)
     items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)  # stable: order kept otherwise
 

@@ -79,15 +79,17 @@ def test_interrupted_run_resumes_from_checkpoint(small_study, ray_local, monkeyp
     each weight restored and verified by name, and ends epoch 2 with the weights an uninterrupted run with the
     same seed and data order ends it with (the last epoch's checkpoint, not only the best model).
 
-    M2 with Adam: Adam moves the weights far more than the tolerance below, and its moments and step count must
-    come back exactly for epoch 2 to match, so the optimizer's state is tested too. (A retry within the run, on
-    two workers, is test_worker_failure_is_retried_within_the_run_and_two_workers.)"""
+    M3 with Adam: Adam moves the weights far more than the tolerance below, and its moments and step count must
+    come back exactly for epoch 2 to match, so the optimizer's state is tested too. (M3 keeps each checkpoint
+    small: M2's trainable weights and Adam's two moments are ~26 M x 3 floats, ~300 MB an epoch at 32 px. M2's
+    restore by name is exact in test_checkpoints.py, and a retry within an M2 run on two workers is
+    test_worker_failure_is_retried_within_the_run_and_two_workers.)"""
     from lifelog_ray import checkpoints
 
     def configured(name: str):
         cfg = small_study.model_copy(deep=True)
         cfg.output.study = str(tmp_path / name)
-        cfg.finetune.methods = ["m2"]
+        cfg.finetune.methods = ["m3"]
         cfg.finetune.epochs = 2
         cfg.finetune.max_failures = 0
         cfg.finetune.optimizer = "adam"
@@ -113,26 +115,26 @@ def test_interrupted_run_resumes_from_checkpoint(small_study, ray_local, monkeyp
     (run,) = run_finetune(cfg)
     assert run.resumed_at == [1] and run.epochs == 2 and not run.skipped
     out = cfg.study_dir / "finetune"
-    (restore,) = json.loads((out / "vgg19" / "m2" / "metrics.json").read_text())["restores"]
-    assert restore == {"epoch": 1, "workers_verified": 1, "frozen": 26, "trainable": 12}  # verified exact
-    hist = pd.read_csv(out / "vgg19" / "m2" / "history.csv")
+    (restore,) = json.loads((out / "vgg19" / "m3" / "metrics.json").read_text())["restores"]
+    assert restore == {"epoch": 1, "workers_verified": 1, "frozen": 32, "trainable": 4}  # verified exact
+    hist = pd.read_csv(out / "vgg19" / "m3" / "history.csv")
     assert hist["epoch"].tolist() == [1, 2]
     assert {"accuracy", "val_accuracy", "loss", "val_loss"} <= set(hist.columns)
-    assert (out / "vgg19" / "m2" / "learning_curves.png").stat().st_size > 1000
-    assert (out / "vgg19" / "m2" / "model.keras").exists()
+    assert (out / "vgg19" / "m3" / "learning_curves.png").stat().st_size > 1000
+    assert (out / "vgg19" / "m3" / "model.keras").exists()
     # The Keras 3 export opens with today's `keras` and predicts what the tf-keras model predicts.
     import keras
     import tf_keras
 
-    k3 = keras.saving.load_model(out / "vgg19" / "m2" / "model_keras3.keras")
+    k3 = keras.saving.load_model(out / "vgg19" / "m3" / "model_keras3.keras")
     x = keras.applications.vgg19.preprocess_input(
         np.random.default_rng(0).uniform(0, 255, (6, SIZE, SIZE, 3)).astype("float32"))
-    ref = tf_keras.models.load_model(out / "vgg19" / "m2" / "model.keras", compile=False).predict(x, verbose=0)
+    ref = tf_keras.models.load_model(out / "vgg19" / "m3" / "model.keras", compile=False).predict(x, verbose=0)
     np.testing.assert_allclose(k3.predict(x, verbose=0), ref, atol=1e-6)
     t4 = pd.read_csv(out / "table4.csv")
     assert list(t4.columns) == ["model", "method", "accuracy", "precision_macro", "recall_macro", "f1_macro"]
-    assert "| vgg19 | M2 |" in (out / "table4.md").read_text()
-    metrics = json.loads((out / "vgg19" / "m2" / "metrics.json").read_text())
+    assert "| vgg19 | M3 |" in (out / "table4.md").read_text()
+    metrics = json.loads((out / "vgg19" / "m3" / "metrics.json").read_text())
     n_test = int((pd.read_parquet(cfg.study_dir / "manifest.parquet")["split"] == "test").sum())
     assert n_test - 3 <= np.array(metrics["report"]["confusion"]).sum() <= n_test  # minus undecodable files
     # the resumed run ends where the uninterrupted one ends: every weight and the optimizer's state

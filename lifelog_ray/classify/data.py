@@ -131,7 +131,7 @@ def load_feature_set(
     X: dict[str, list[np.ndarray]] = {s: [] for s in SPLIT_NAMES}
     y: dict[str, list[np.ndarray]] = {s: [] for s in SPLIT_NAMES}
     ids: dict[str, list[np.ndarray]] = {s: [] for s in SPLIT_NAMES}
-    index = {c: i for i, c in enumerate(classes)}
+    sorted_classes = np.asarray(classes)  # sorted: a label's index is where it sorts among them
     if big:  # stream: only the reduced matrix is held in memory
         batches = ds.to_batches(columns=["image_id", "label", "split", "features"], batch_size=batch_rows)
     else:
@@ -144,7 +144,7 @@ def load_feature_set(
         image_ids = _strings(b.column("image_id"))
         if splits is not None:
             split = np.asarray([splits.get(i, s) for i, s in zip(image_ids, split)])
-        labels = np.asarray([index[v] for v in _strings(b.column("label"))])
+        labels = np.searchsorted(sorted_classes, _strings(b.column("label")))  # no Python loop over rows
         for s in SPLIT_NAMES:
             m = split == s
             X[s].append(feats[m])

@@ -105,16 +105,20 @@ def image_dataset(rows: pd.DataFrame, classes: list[str], size: int, max_pixels:
     return ds
 
 
-def _to_tf(shard, keras, model_name: str, batch: int, shuffle_seed: int | None):
+def _to_tf(shard, keras, model_name: str, batch: int, shuffle_seed: int | None, size: int):
     import tensorflow as tf
 
+    # The types are known (decoded_images: (S, S, 3) uint8, labels int64): given, Ray Data need not infer them
+    # from the shard's schema, which runs the decode pipeline once more before the first epoch (~3 s a split).
     ds = shard.to_tf(feature_columns="image", label_columns="label", batch_size=batch,
                      local_shuffle_buffer_size=4 * batch if shuffle_seed is not None else None,
-                     local_shuffle_seed=shuffle_seed)
+                     local_shuffle_seed=shuffle_seed,
+                     feature_type_spec=tf.TensorSpec((None, size, size, 3), tf.uint8),
+                     label_type_spec=tf.TensorSpec((None,), tf.int64))
     return ds.map(lambda x, y: (preprocess(keras, model_name, tf.cast(x, tf.float32)), y))
 
 
-def replica_batches(strategy, shard, keras, model_name: str, batch: int, shuffle_seed: int | None):
+def replica_batches(strategy, shard, keras, model_name: str, batch: int, shuffle_seed: int | None, size: int):
     """One worker's Ray shard as its replica's batches, handed to Keras already distributed.
 
     Given a plain dataset, MultiWorkerMirroredStrategy rebatches each local batch into one piece per
@@ -126,7 +130,7 @@ def replica_batches(strategy, shard, keras, model_name: str, batch: int, shuffle
     """
     per_replica = per_replica_batch(batch, strategy.num_replicas_in_sync)
     return strategy.distribute_datasets_from_function(
-        lambda _ctx: _to_tf(shard, keras, model_name, per_replica, shuffle_seed))
+        lambda _ctx: _to_tf(shard, keras, model_name, per_replica, shuffle_seed, size))
 
 
 def per_replica_batch(batch: int, workers: int) -> int:
@@ -176,7 +180,6 @@ def train_loop_per_worker(config: dict) -> None:
     import ray
     import ray.train
     import tensorflow as tf
-    from ray.train import Checkpoint
 
     keras = legacy_keras_module()
     ctx = ray.train.get_context()
@@ -195,11 +198,24 @@ def train_loop_per_worker(config: dict) -> None:
                else keras.optimizers.Adam(learning_rate=f.learning_rate))
         model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         opt.build(model.trainable_variables)  # its state exists now, so a checkpoint can restore it by name
+    work = Path(tempfile.mkdtemp(prefix="lifelog-ft-"))  # the best epoch's weights: removed when the loop ends
+    try:
+        _train_and_test(config, ctx, rank, f, spec, method, classes, weights, strategy, model, opt, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # ~100 MB a run (M1, 32 px): never left on a node's disk
+
+
+def _train_and_test(config: dict, ctx: Any, rank: int, f: FinetuneConfig, spec: BackboneSpec, method: str,
+                    classes: list[str], weights: Any, strategy: Any, model: Any, opt: Any, work: Path) -> None:
+    import ray.train
+    import tensorflow as tf
+    from ray.train import Checkpoint
+
+    keras = legacy_keras_module()
     monitor = f.early_stopping_metric
     lower_is_better = "loss" in monitor
     state = {"checkpoint_format": checkpoints.FORMAT, "epoch": 0, "history": [], "best": None, "best_epoch": None,
              "wait": 0, "stopped": False, "resumed_at": [], "restores": []}
-    work = Path(tempfile.mkdtemp(prefix="lifelog-ft-"))
     best_file = work / checkpoints.BEST
     ckpt = ray.train.get_checkpoint()
     if ckpt:
@@ -227,8 +243,9 @@ def train_loop_per_worker(config: dict) -> None:
         if config.get("fault_after_epoch") == epoch and not state["resumed_at"]:
             _inject_fault(epoch, config["run_dir"], config.get("storage_options"))
         t0 = time.perf_counter()
-        train_tf = replica_batches(strategy, train_shard, keras, spec.model, f.batch_size, f.seed + epoch)
-        val_tf = replica_batches(strategy, val_shard, keras, spec.model, f.batch_size, None)
+        train_tf = replica_batches(strategy, train_shard, keras, spec.model, f.batch_size, f.seed + epoch,
+                                   f.image_size)
+        val_tf = replica_batches(strategy, val_shard, keras, spec.model, f.batch_size, None, f.image_size)
         world = ctx.get_world_size()
         h = model.fit(train_tf, validation_data=val_tf, epochs=1, verbose=0,
                       steps_per_epoch=replica_steps(config["n_train"], world, f.batch_size),
@@ -431,6 +448,8 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
 
+    from .tf_backend import TFConfig
+
     f = cfg.finetune if seed is None else cfg.finetune.model_copy(update={"seed": seed})
     study = cfg.study_dir
     out = out or study / "finetune" / model / run_dir_name(method, f.protocol)
@@ -463,7 +482,7 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
         ray_path = str(Path(ray_path).resolve())
     run_dir = str(ray_dir / name) if storage.is_remote(study) else str(Path(ray_path) / name)
     trainer = TensorflowTrainer(
-        train_loop_per_worker,
+        train_loop_per_worker, tensorflow_config=TFConfig(),
         train_loop_config={"finetune": f.model_dump(), "spec": asdict(spec), "method": method, "classes": classes,
                            "weights": ray.put(weights), "n_train": int((manifest[col] == "train").sum()),
                            "n_val": int((manifest[col] == "val").sum()),

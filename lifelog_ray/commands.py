@@ -79,6 +79,16 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--held-out-days", type=int, default=2)
 
 
+def check_sample_arguments(width: int, height: int, days: int, per_day: int, held_out_days: int) -> None:
+    """Each of `sample`'s numbers in its range, or a one-line error (nothing is written before this passes)."""
+    if not (32 <= width <= 4096 and 32 <= height <= 4096):
+        raise LifelogError(f"--image-size {width}x{height}: each side must be 32 to 4096 pixels")
+    for flag, value, low, high in (("--days", days, 1, 3650), ("--images-per-day", per_day, 1, 5000),
+                                   ("--held-out-days", held_out_days, 0, 3650)):
+        if not low <= value <= high:
+            raise LifelogError(f"{flag} {value}: expected {low} to {high}")
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from .sample import write_sample
 
@@ -86,6 +96,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         w, h = (int(x) for x in args.image_size.lower().split("x"))
     except ValueError:
         raise LifelogError(f"--image-size {args.image_size!r}: expected WIDTHxHEIGHT, e.g. 320x240") from None
+    check_sample_arguments(w, h, args.days, args.images_per_day, args.held_out_days)  # before anything is written
     stats = write_sample(args.dir, seed=args.seed, days=args.days, images_per_day=args.images_per_day, image_size=(w, h),
                          held_out=args.held_out, held_out_days=args.held_out_days)
     more = f"; {args.held_out_days} held-out days in {args.held_out}" if args.held_out else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -286,6 +287,23 @@ class StudyConfig(_Section):
     output: OutputConfig = OutputConfig()
     storage: StorageConfig = StorageConfig()
 
+    @model_validator(mode="after")
+    def _names_are_folder_names(self) -> StudyConfig:
+        """Layer, classifier and prediction-set names become folder names inside the study: plain names only."""
+        from .errors import LifelogError
+        from .storage import plain_name
+
+        named = [("extract.layers", n) for n in self.extract.layers]
+        named += [("classify.layers", n) for n in self.classify.layers or []]
+        named += [("classify.classifiers", n) for n in self.classify.classifiers]
+        named += [("predict.name", self.predict.name)] if self.predict.name else []
+        for key, name in named:
+            try:
+                plain_name(name, f"{key}:")
+            except LifelogError as e:
+                raise ValueError(str(e)) from None
+        return self
+
     @property
     def study_dir(self) -> Path:
         """The study folder: a ``pathlib.Path``, or a ``UPath`` for a URI (same API)."""
@@ -348,8 +366,27 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         raise ConfigError(_format_errors(e, source)) from None
 
 
+# Keys of storage.options that hold credentials (fsspec/s3fs/gcsfs/adlfs names: key, secret, token,
+# aws_session_token, account_key, sas_token, password, ...): their values are never written anywhere.
+_SECRET_KEY = re.compile(r"key|secret|token|passw|credential|sas_|auth", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def redact_secrets(value: Any, key: str = "") -> Any:
+    """``value`` (storage.options, or any part of it) with every credential-like key's value replaced."""
+    if isinstance(value, dict):
+        return {k: redact_secrets(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_secrets(v, key) for v in value]
+    return REDACTED if key and _SECRET_KEY.search(key) and value not in (None, "", False) else value
+
+
 def config_to_yaml(cfg: StudyConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as every file and page the project writes shows it: credentials given as storage
+    options are redacted (they belong in the environment; a study folder gets handed on)."""
+    data = cfg.model_dump(mode="json")
+    data["storage"]["options"] = redact_secrets(data["storage"]["options"])
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def write_resolved(cfg: StudyConfig, directory: str | os.PathLike, name: str = "config.yaml") -> Path:

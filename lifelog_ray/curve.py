@@ -126,6 +126,9 @@ def approaches_to_run(study: Path, asked: str, protocol: str) -> list[int]:
     return [2] if asked == "2" else [1, 2]
 
 
+CODE_BEARING_KEYS = ("search_space",)
+
+
 def study_settings(cfg: StudyConfig, section: str, recorded_at: Path) -> StudyConfig:
     """``cfg`` with ``section`` (classify, finetune) as the study ran it (the resolved config the stage wrote at
     ``recorded_at``), changed only where ``cfg`` itself departs from the defaults: `curve --study S` alone
@@ -138,6 +141,10 @@ def study_settings(cfg: StudyConfig, section: str, recorded_at: Path) -> StudyCo
     if not path.exists():
         return cfg
     recorded = (yaml.safe_load(path.read_text("utf-8")) or {}).get(section) or {}
+    # A study may come from someone else: a path it records to a file that names code (the search space's
+    # estimators) is never taken from it. The curve uses this command's own search space (the bundled one
+    # unless --config or --set names another).
+    recorded = {k: v for k, v in recorded.items() if k not in CODE_BEARING_KEYS}
     default = getattr(StudyConfig(), section).model_dump(mode="json")
     mine = {k: v for k, v in getattr(cfg, section).model_dump(mode="json").items() if v != default.get(k)}
     merged = load_config(None, {}, {f"{section}.{k}": v for k, v in {**recorded, **mine}.items()})
@@ -291,10 +298,9 @@ def verdict(raw: pd.DataFrame, fits: dict, rounds: int = 200) -> str:
 
 
 def _plot_curve(summary: pd.DataFrame, fits: dict, path: Path, protocol: str) -> None:
-    import matplotlib
+    from .plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     colors = {1: "#4e79a7", 2: "#e15759"}

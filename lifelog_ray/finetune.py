@@ -325,6 +325,41 @@ def split_column(f: FinetuneConfig) -> str:
     return "split" if f.protocol == "image" else "split_day"
 
 
+def load_finetuned(keras: Any, model_path: Path, model_name: str, meta: dict) -> Any:
+    """A fine-tuned model as data, never code: the architecture is rebuilt here from the run's recorded method
+    and sizes, and only the weights are read from ``model.keras`` (its `model.weights.h5`), after the file's
+    SHA-256 matched the one ``metrics.json`` recorded when the run wrote it. A legacy HDF5 model, a pickle or
+    a `.keras` whose config names a `Lambda` or any other class is never deserialised."""
+    data = checked_model_bytes(model_path, meta)
+    arch = meta["architecture"]
+    spec = BackboneSpec(model_name, ("fc2",), "none", int(meta["image_size"]), 0, "float32")
+    model = build_method_model(keras, spec, arch["method"], len(meta["classes"]), None,
+                               int(arch["m2_trainable_layers"]), int(arch["m3_units"]))
+    with tempfile.TemporaryDirectory(prefix="lifelog-ray-model-") as d:
+        local = Path(d) / "model.keras"  # the bytes just checked, not the path again
+        local.write_bytes(data)
+        model.load_weights(str(local))
+    return model
+
+
+def checked_model_bytes(model_path: Path, meta: dict) -> bytes:
+    """``model.keras``'s bytes, once its recorded hash matched and it is a zip archive (else one-line error)."""
+    arch, want = meta.get("architecture"), meta.get("model_sha256")
+    if not arch or not want:
+        raise LifelogError(f"{model_path}: this fine-tuned model has no recorded architecture and hash (written "
+                           f"by an older version); rerun `lifelog-ray finetune` on the study to load it safely")
+    try:
+        data = model_path.read_bytes()
+    except FileNotFoundError:
+        raise LifelogError(f"{model_path}: the fine-tuned model is missing") from None
+    if hashlib.sha256(data).hexdigest() != want:
+        raise LifelogError(f"{model_path}: its SHA-256 differs from the one recorded when it was trained; "
+                           f"refusing to load it")
+    if not data.startswith(b"PK\x03\x04"):
+        raise LifelogError(f"{model_path}: not a Keras zip archive (.keras); refusing to load it")
+    return data
+
+
 def run_dir_name(method: str, protocol: str) -> str:
     """finetune/<model>/<this>: the paper's protocol keeps the plain method name; the day protocol's runs sit apart."""
     return method if protocol == "image" else f"{method}__{protocol}"
@@ -353,10 +388,9 @@ def _signature(f: FinetuneConfig, model: str, method: str, manifest: pd.DataFram
 
 
 def plot_history(history: pd.DataFrame, path: Path, title: str) -> None:
-    import matplotlib
+    from .plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, key in zip(axes, ("accuracy", "loss")):
@@ -507,6 +541,7 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
         state = json.loads((d / "state.json").read_text())
         if not state.get("final"):
             raise LifelogError(f"fine-tuning {model}/{method} ended without its final checkpoint")
+        model_sha256 = hashlib.sha256((d / "model.keras").read_bytes()).hexdigest()
         if not light:
             storage.write_bytes_atomic((d / "model.keras").read_bytes(), out / "model.keras")
             trained = legacy_keras_module().models.load_model(str(d / "model.keras"), compile=False)
@@ -544,7 +579,10 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
             "smoothing": smoother.describe() if smoother else "",
             "smoothed_scores": {**{k: smoothed_rep[k] for k in METRIC_COLUMNS},
                                 **summary_metrics(frames, "true", "smoothed", gap)},
-            "image_size": f.image_size, "preprocess": f"keras.applications.{model}.preprocess_input"}
+            "image_size": f.image_size, "preprocess": f"keras.applications.{model}.preprocess_input",
+            # what predict rebuilds the model from (load_finetuned), and the file's hash it checks first
+            "architecture": {"method": method, "m2_trainable_layers": f.m2_trainable_layers, "m3_units": f.m3_units},
+            "model_sha256": model_sha256}
     write_resolved(cfg, out)
     storage.write_text_atomic(json.dumps(meta, indent=1), done)  # last: marks the run complete
     return FinetuneRun(model, method, out, state["epoch"], state["best_epoch"], state["resumed_at"], False, scores_,

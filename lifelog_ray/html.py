@@ -35,13 +35,21 @@ def table(df: pd.DataFrame, highlight_max: list[str] | None = None, fmt: str = "
     return "".join(out) + "</tbody></table>"
 
 
+# A thumbnail's source is decoded whole unless it is a JPEG (decoded at 1/2 to 1/8 scale): above this many
+# pixels (after that reduction) it is left out, so a report's memory stays bounded whatever a study holds.
+THUMB_MAX_PIXELS = 40_000_000
+
+
 def thumb(path: str, options: storage.Options | None = None, size: tuple[int, int] = (300, 225)) -> str | None:
     from PIL import Image, ImageOps
 
     try:
         with Image.open(io.BytesIO(storage.read_bytes(path, options))) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
+            im.draft("RGB", (2 * size[0], 2 * size[1]))  # JPEG: DCT scaling, before anything is decoded
+            if im.width * im.height > THUMB_MAX_PIXELS:
+                return None
             im.thumbnail(size)
+            im = ImageOps.exif_transpose(im).convert("RGB")
             buf = io.BytesIO()
             im.save(buf, "JPEG", quality=80)
             return png_uri(buf.getvalue(), "image/jpeg")

@@ -105,7 +105,8 @@ def read_candidates(data: DataConfig, options: Options | None = None) -> pd.Data
         rels = scan_images(root, data.extensions)
         rows = [(r, r.split("/")[0]) for r in rels if "/" in r]
         return pd.DataFrame(
-            {"row": range(len(rows)), "rel_path": [r for r, _ in rows], "raw_label": [lab for _, lab in rows]}
+            {"row": range(len(rows)), "rel_path": [shown_name(r) for r, _ in rows],
+             "raw_label": [shown_name(lab) for _, lab in rows], NOT_UTF8: [shown_name(r) != r for r, _ in rows]}
         )
     if not data.labels:
         raise IngestError(f"data.labels: layout {data.layout!r} needs a labels CSV (use --labels CSV)")
@@ -125,7 +126,8 @@ def read_candidates(data: DataConfig, options: Options | None = None) -> pd.Data
             extra = [r for r in scan_images(root, data.extensions) if os.path.normpath(r) not in listed]
             if extra:
                 out = pd.concat(
-                    [out, pd.DataFrame({"row": pd.NA, "rel_path": extra, "raw_label": None})], ignore_index=True
+                    [out, pd.DataFrame({"row": pd.NA, "rel_path": [shown_name(r) for r in extra], "raw_label": None,
+                                        NOT_UTF8: [shown_name(r) != r for r in extra]})], ignore_index=True
                 )
         return out
     # NTCIR-14: minute table (labels) x per-image CSV (images_csv).
@@ -329,6 +331,21 @@ def derive_image_id(rel: str, layout: str) -> str:
     return p.with_suffix("").as_posix().replace("/", "__")
 
 
+NOT_UTF8 = "name_not_utf8"  # a candidate column: the file's name on disk is not valid UTF-8 (shown escaped)
+
+
+def shown_name(name: object) -> object:
+    """A file name as text that can be written anywhere: a name that is not valid UTF-8 (Python holds its bytes
+    as surrogates) with those bytes escaped, `\\xe9`; any other value as it is."""
+    if not isinstance(name, str):
+        return name
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _resolve(root: Path, rel: str, allow_outside: bool, listing: set[str] | None = None
              ) -> tuple[Path | None, str | None, str | None]:
     """Return (resolved path, reject reason, detail). ``listing``: the root's files, for an object store."""
@@ -383,7 +400,8 @@ def build_manifest(cfg: StudyConfig) -> IngestResult:
 
     def reject(r: pd.Series, reason: str, detail: str, image_id: str | None = None) -> None:
         rejects.append(
-            {"image_id": image_id, "path": r["rel_path"], "row": r["row"], "reason": reason, "detail": detail}
+            {"image_id": image_id, "path": shown_name(r["rel_path"]), "row": r["row"], "reason": reason,
+             "detail": detail}
         )
 
     rows: list[dict] = []
@@ -392,6 +410,9 @@ def build_manifest(cfg: StudyConfig) -> IngestResult:
     exts = {e.lower() for e in data.extensions}
     for _, r in cands.iterrows():
         rel = r["rel_path"]
+        if r.get(NOT_UTF8) in (True,):  # listed on disk under a name that is not valid UTF-8
+            reject(r, "name_not_utf8", "the file name is not valid UTF-8 (shown escaped); rename it to read it")
+            continue
         full, reason, detail = _resolve(root, rel, data.allow_outside_root, listing)
         if reason:
             reject(r, reason, detail)

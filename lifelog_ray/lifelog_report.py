@@ -30,10 +30,9 @@ def _png(fig) -> str:
 
 def calendar_png(by_day: pd.DataFrame, activities: list[str]) -> str:
     """Days (columns) x activities (rows), minutes: one image whatever the number of days."""
-    import matplotlib
+    from .plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     days = pd.date_range(min(by_day["period"]), max(by_day["period"]))
     grid = (by_day.pivot_table(index="activity", columns="period", values="minutes", aggfunc="sum")
@@ -49,10 +48,9 @@ def calendar_png(by_day: pd.DataFrame, activities: list[str]) -> str:
 
 
 def weekly_png(by_week: pd.DataFrame, activities: list[str]) -> str:
-    import matplotlib
+    from .plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     wide = by_week.pivot_table(index="period", columns="activity", values="minutes", aggfunc="sum").fillna(0.0)
     wide = wide.reindex(columns=[a for a in activities if a in wide.columns])
@@ -104,7 +102,8 @@ def events_table(ev: pd.DataFrame, key: str, activities: list[str], options: sto
                     f"<td class='l'>{escape(r['activity'])}</td><td>{int(r['n_frames'])}</td>"
                     f"<td>{100 * r['mean_confidence']:.0f} %</td><td class='kf'>{img}</td></tr>")
     options_html = "".join(f"<option>{escape(a)}</option>" for a in activities)
-    days = sorted(ev["day"])
+    days = [escape(d) for d in sorted(ev["day"].astype(str))]  # a received study's data: escaped like the rest
+    key = escape(key)
     controls = (f"<p class='filters'>activity <select id='{key}-act' onchange=\"lifelogFilter('{key}')\"><option value=''>"
                 f"all</option>{options_html}</select> from <input type='date' id='{key}-from' min='{days[0]}' "
                 f"max='{days[-1]}' onchange=\"lifelogFilter('{key}')\"> to <input type='date' id='{key}-to' "

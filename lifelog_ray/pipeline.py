@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from .config import StudyConfig, write_resolved
 from .errors import LifelogError
 from .lease import check_free
+from .storage import plain_name
 
 if TYPE_CHECKING:
     from .console import Console
@@ -51,6 +52,37 @@ def plan(study: Path, requested: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(s for s in STAGES if s in wanted)
 
 
+def preflight(cfg: StudyConfig, stages: tuple[str, ...]) -> None:
+    """What each of ``stages`` will read, checked before any runs: the files and folders it names exist, the
+    search space loads (and names estimator classes only), a prediction set's name is plain. One line, the
+    first problem found, else nothing."""
+    from .classify.estimators import load_search_space
+    from .taxonomy import Taxonomy
+
+    def exists(key: str, value: str | None, what: str, folder: bool = False) -> None:
+        if not value:
+            return
+        p = cfg.path(value)
+        if not (p.is_dir() if folder else p.exists()):
+            raise LifelogError(f"run: {key} {value!r}: no such {what}; nothing was run")
+
+    d = cfg.data
+    if "manifest" in stages:
+        exists("data.root", d.root, "folder", folder=True)
+        exists("data.labels", d.labels, "file")
+        exists("data.images_csv", d.images_csv, "file")
+        Taxonomy.load(d.taxonomy)
+    if "classify" in stages:
+        load_search_space(cfg.classify.search_space, cfg.classify.classifiers)
+    for stage, weights in (("extract", cfg.extract.weights), ("finetune", cfg.finetune.weights)):
+        if stage in stages and str(weights).lower() not in ("imagenet", "none"):
+            exists(f"{stage}.weights", weights, "weights file")
+    if "predict" in stages and cfg.predict.images:
+        exists("predict.images", cfg.predict.images, "folder or file")
+        name = cfg.predict.name or Path(cfg.predict.images.rstrip("/")).stem
+        plain_name(name, "run: the prediction set's name")
+
+
 @dataclass
 class StageSummary:
     stage: str
@@ -72,6 +104,7 @@ def run_study(cfg: StudyConfig, stages: tuple[str, ...] = STAGES, console: Conso
     if tuple(stages) == ("predict",) and not cfg.predict.images:  # asked for alone: a mistake, not an "off"
         raise LifelogError("--stages predict: no images to label; set predict.images (--set predict.images=DIR)")
     stages = plan(study, stages)
+    preflight(cfg, stages)  # every stage's inputs, before the first stage: a mistake costs seconds, not a study
     # A live run holding one of these stages: fail now, before Ray starts (each stage takes its lease in turn).
     check_free(cfg, [(s, m) for s in stages if s != "report" and (s != "predict" or cfg.predict.images)
                      for m in (cfg.extract.models if s == "extract" else [None])])

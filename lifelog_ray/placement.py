@@ -436,14 +436,19 @@ def wait_for_bundles(plan: ActorPlan, wait_s: float, settle_s: float) -> Provisi
 
 
 def _state_address() -> str | None:
-    """The GCS this driver is connected to, for Ray's state API: left to itself (no RAY_ADDRESS, as under
-    `--ray-address HOST:PORT`) it looks for a Ray on this machine, which may be another cluster's."""
-    import ray
+    """The connected cluster's own dashboard (where Ray's state API is served), or None where it has none.
 
+    Given a GCS address, Ray's state API asks the GCS for the dashboard and, when there is none (a local Ray
+    started without one), goes to http://127.0.0.1:8265 anyway, with this cluster's auth token in the
+    request: whatever listens there on this machine would get it. So the URL is the one the cluster itself
+    recorded, and with none the state API is not asked at all."""
     try:
-        return ray.get_runtime_context().gcs_address
-    except Exception:  # noqa: BLE001 - not connected: the state API finds its own
+        from ray._private.worker import _global_node
+
+        url = _global_node.webui_url if _global_node is not None else None
+    except Exception:  # noqa: BLE001 - not connected
         return None
+    return f"http://{url}" if url else None
 
 
 class AutoscalerLog:
@@ -472,11 +477,14 @@ class AutoscalerLog:
             self.poll()
 
     def poll(self) -> None:
+        address = _state_address()
+        if address is None:  # no dashboard: nothing to read, and nobody else is asked
+            return
         try:
             from ray.util.state import list_cluster_events
 
             # oldest first, then cut at the limit: only the autoscaler's, and the dashboard's whole cache of them
-            events = list_cluster_events(_state_address(), filters=[("source_type", "=", "AUTOSCALER")],
+            events = list_cluster_events(address, filters=[("source_type", "=", "AUTOSCALER")],
                                          detail=True, limit=10000, raise_on_missing_output=False, _explain=False)
         except Exception:  # noqa: BLE001 - no dashboard (a local Ray), or it is busy: nothing to copy
             return
@@ -536,11 +544,14 @@ class ActorWatch:
     def _actors(self) -> list | None:
         import ray
 
+        address = _state_address()
+        if address is None:  # no dashboard: where actors ran is not reported
+            return None
         try:
             from ray.util.state import list_actors
 
             job = ray.get_runtime_context().get_job_id()
-            return [a for a in list_actors(_state_address(), filters=[("job_id", "=", job)], detail=True,
+            return [a for a in list_actors(address, filters=[("job_id", "=", job)], detail=True,
                                            limit=10000, raise_on_missing_output=False, timeout=10)
                     if self.class_name in (a.class_name or "")]
         except Exception:  # noqa: BLE001 - no dashboard, or it did not answer

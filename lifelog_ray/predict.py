@@ -6,6 +6,7 @@ Output: Parquet partitioned by day (`day=YYYY-MM-DD/`), one row per input image,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,8 +23,9 @@ from .classify.persist import pipeline_dir
 from .config import StudyConfig
 from .errors import LifelogError
 from .extract import check_decode, model_stage, resolve_decode, where_phrase
+from .finetune import checked_model_bytes
 from .images import decoded_images
-from .ingest import day_of, derive_image_id, scan_images, timestamp_from_exif, timestamp_from_name
+from .ingest import day_of, derive_image_id, scan_images, shown_name, timestamp_from_exif, timestamp_from_name
 from .lease import leased
 from .results import best_row, of_protocol
 from .temporal import Smoother, sequences
@@ -42,8 +44,8 @@ def list_images(source: str, extensions: tuple[str, ...], options: storage.Optio
         return str(base / x) if remote else str((base / x).resolve())
 
     if p.is_dir():
-        rels = scan_images(p, extensions)
-        df = pd.DataFrame({"path": [absolute(p, r) for r in rels], "rel": rels})
+        rels = scan_images(p, extensions)  # a name that is not UTF-8 stays, escaped: its row gets a read error
+        df = pd.DataFrame({"path": [shown_name(absolute(p, r)) for r in rels], "rel": [shown_name(r) for r in rels]})
     elif p.suffix == ".parquet":
         df = storage.read_parquet(p)
         df["rel"] = df["path"].map(lambda x: Path(x).name)
@@ -65,6 +67,12 @@ def list_images(source: str, extensions: tuple[str, ...], options: storage.Optio
               for r, x in zip(df["rel"], df["path"])]
         df["timestamp"] = pd.to_datetime(pd.Series(ts, dtype=object), errors="coerce")
         df["day"] = [day_of(t, r) for t, r in zip(ts, df["rel"])]
+    elif "day" not in df:  # a list with times but no days: the day is the time's
+        stamps = pd.to_datetime(df["timestamp"], errors="coerce")
+        df["day"] = [day_of(None if pd.isna(t) else t, r) for t, r in zip(stamps, df["rel"])]
+    # a day becomes a folder name (day=<day>/): from a column it must be a plain name, checked before any work
+    for day in pd.unique(df["day"].astype(str)):
+        storage.plain_name(day, f"--images {source}: the day column's value")
     return df[["image_id", "path", "timestamp", "day"]]
 
 
@@ -77,9 +85,11 @@ class PredictResult:
     retried: dict[str, int] = field(default_factory=dict)  # object-store retries, per layer
     events: int = 0  # in events.parquet
     long_events: int = 0  # of them, not flagged short
+    already: int = 0  # labelled by an earlier, interrupted run of the same command (resumed)
 
     def line(self) -> str:
-        return (f"predict: {self.images} images labelled in {self.seconds}s, {self.long_events} events "
+        return (f"predict: {self.images} images labelled in {self.seconds}s ({self.already} already done), "
+                f"{self.long_events} events "
                 f"(+{self.events - self.long_events} short) -> {self.output} (partitioned by day"
                 + (f"; {self.where}" if self.where else "") + ")"
                 + (f"; {storage.describe_retries(self.retried)}" if sum(self.retried.values()) else ""))
@@ -136,17 +146,17 @@ class PipelineClassifier:
 class FinetunedClassifier:
     """Approach 2: the exported fine-tuned Keras model (saved by tf-keras inside Ray Train)."""
 
-    def __init__(self, model_path: Path, model_name: str, classes: list[str]) -> None:
+    def __init__(self, model_path: Path, model_name: str, meta: dict) -> None:
         import tensorflow as tf
 
         from .backbones import legacy_keras_module
+        from .finetune import load_finetuned
 
         self.keras = legacy_keras_module()  # the Keras that wrote it (see finetune)
-        with storage.local_copy(model_path) as local:  # Keras loads from a local file
-            self.model = self.keras.models.load_model(str(local), compile=False)
+        self.model = load_finetuned(self.keras, model_path, model_name, meta)  # weights only, hash checked
         self.tf = tf
         self.model_name = model_name
-        self.classes = classes
+        self.classes = meta["classes"]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from .backbones import preprocess
@@ -227,6 +237,7 @@ def smooth_days(out: Path, smoother: Smoother | None, max_gap_s: float) -> None:
     parts become one file, `smoothed-0.parquet`, its rows in time order."""
     for part in sorted(p for p in out.iterdir() if p.name.startswith("day=")):
         df = read_partition(part).drop_duplicates("image_id")  # a part per batch: never an image twice
+        df = df.drop(columns=["smoothed_label", "smoothed_confidence"], errors="ignore")  # a resumed day: again
         df = df.iloc[np.argsort(pd.to_datetime(df["timestamp"], errors="coerce").to_numpy(), kind="stable")]
         df = df.reset_index(drop=True)
         classes = [c[len("prob__"):] for c in df.columns if c.startswith("prob__")]
@@ -308,6 +319,7 @@ def run_predict(cfg: StudyConfig, images: str | None = None, which: str | None =
     else:
         meta = json.loads((study / "finetune" / choice.model / choice.variant / "metrics.json").read_text("utf-8"))
         size = meta["image_size"]
+        checked_model_bytes(study / "finetune" / choice.model / choice.variant / "model.keras", meta)  # fail fast
     ensure_ray(cfg.ray)
     t0 = time.perf_counter()
     plan = placement.plan_actors(e.device, e.num_actors, e.cpus_per_actor, placement.discover(), "predict")
@@ -316,38 +328,51 @@ def run_predict(cfg: StudyConfig, images: str | None = None, which: str | None =
     if choice.approach == 1:  # the study's decode path where it can be had (features decoded as the training ones)
         recorded = sig.get("decode", "cpu") if e.decode == "auto" else None
         check_decode(e.decode, recorded, plan.device)
-    storage.rmtree(out)  # the output is a function of the input: a rerun replaces it
+    # The output is a function of the input and the pipeline: a rerun of the same command resumes (the frames
+    # an interrupted run wrote are kept, as whole parts), anything else replaces it.
+    signature = run_signature(study, choice, meta if choice.approach == 2 else None, rows)
+    done = resumable_frames(out, signature)
+    if done is None:
+        storage.rmtree(out)
+        storage.write_text_atomic(json.dumps({"signature": signature}), out / RUN_FILE)
+        done = set()
+    already = int(rows["image_id"].astype(str).isin(done).sum())
+    todo = rows[~rows["image_id"].astype(str).isin(done)]
     driver_before = storage.retry_counts()
     written, retried = 0, dict.fromkeys(storage.RETRY_LAYERS, 0)
     watch = placement.ActorWatch("FeatureExtractor" if choice.approach == 1 else "FinetunedClassifier")
-    with placement.provision(plan, e.gpu_wait_s) as got:
-        if choice.approach == 1:
+    with placement.provision(plan, e.gpu_wait_s) if len(todo) else contextlib.nullcontext() as got:
+        if not len(todo):
+            pass  # every frame was labelled by the interrupted run: only the per-day work is left
+        elif choice.approach == 1:
             decode = resolve_decode(e.decode, recorded, plan.device, e.gpu_wait_s)[0]
             pe = e.model_copy(update={"image_size": size})
-            ds = model_stage(rows, spec, weights, pe, decode, plan, got.ready, cfg.storage.options)
+            ds = model_stage(todo, spec, weights, pe, decode, plan, got.ready, cfg.storage.options)
             ds = ds.map_batches(PipelineClassifier, fn_constructor_kwargs={
                 "study": study, "model": choice.model, "layer": layer, "classifier": clf},
                 batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25,
                 batch_format="numpy")
         else:  # fine-tuned pipelines run on tf-keras, with CPU decode
-            ds = decoded_images(rows, size, e.max_image_pixels, e.batch_size, e.jpeg_draft, cfg.storage.options)
+            ds = decoded_images(todo, size, e.max_image_pixels, e.batch_size, e.jpeg_draft, cfg.storage.options)
             ds = ds.map_batches(FinetunedClassifier, fn_constructor_kwargs={
                 "model_path": study / "finetune" / choice.model / choice.variant / "model.keras",
-                "model_name": choice.model, "classes": meta["classes"]},
+                "model_name": choice.model, "meta": meta},
                 batch_size=e.batch_size, compute=plan.strategy(got.ready),
                 num_gpus=plan.num_gpus, num_cpus=plan.num_cpus, batch_format="numpy")
-        ds = ds.map_batches(PredictionWriter, fn_constructor_kwargs={"out": out}, batch_size=4 * e.batch_size,
-                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_actors), num_cpus=0.25,
-                            batch_format="numpy")
-        for b in ds.iter_batches(batch_size=None, batch_format="pandas"):
-            written += int(b["rows"].sum())
-            got_retries = {k: int(b[f"retried_{k}"].sum()) for k in storage.RETRY_LAYERS}
-            if sum(got_retries.values()):
-                log.info("storage: %s labelling a batch of images", storage.describe_retries(got_retries))
-            retried = {k: retried[k] + got_retries[k] for k in retried}
-            progress.report("predict", written, len(rows), "images")
-    if written != len(rows):  # every input row is in the output, with its label or its error
-        raise LifelogError(f"predict: {written} of {len(rows)} images were written; rerun the same command")
+        if len(todo):
+            ds = ds.map_batches(PredictionWriter, fn_constructor_kwargs={"out": out}, batch_size=4 * e.batch_size,
+                                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_actors),
+                                num_cpus=0.25, batch_format="numpy")
+            for b in ds.iter_batches(batch_size=None, batch_format="pandas"):
+                written += int(b["rows"].sum())
+                got_retries = {k: int(b[f"retried_{k}"].sum()) for k in storage.RETRY_LAYERS}
+                if sum(got_retries.values()):
+                    log.info("storage: %s labelling a batch of images", storage.describe_retries(got_retries))
+                retried = {k: retried[k] + got_retries[k] for k in retried}
+                progress.report("predict", already + written, len(rows), "images")
+    if already + written != len(rows):  # every input row is in the output, with its label or its error
+        raise LifelogError(f"predict: {already + written} of {len(rows)} images were written; rerun the same "
+                           f"command")
     where = where_phrase(plan, decode or "cpu", watch)
     mine = storage.retried_since(driver_before)
     retried = {k: retried[k] + mine[k] for k in retried}
@@ -362,4 +387,35 @@ def run_predict(cfg: StudyConfig, images: str | None = None, which: str | None =
     if sum(retried.values()):
         log.info("storage: %s in this run", storage.describe_retries(retried))
     return PredictResult(out, n, int(time.perf_counter() - t0), where, retried, len(found),
-                         int((~found["short"]).sum()) if len(found) else 0)
+                         int((~found["short"]).sum()) if len(found) else 0, already)
+
+
+RUN_FILE = "_run.json"  # beside the day partitions: what this prediction set is a function of
+
+
+def run_signature(study: Path, choice: Choice, finetuned: dict | None, rows: pd.DataFrame) -> str:
+    """The pipeline (and its files' hashes) and the input frames: a rerun with the same signature resumes."""
+    if finetuned is not None:
+        model = finetuned.get("model_sha256", "")
+    else:
+        layer, clf = choice.variant.split("/")
+        model = (pipeline_dir(study / "classify", choice.model, layer, clf) / "pipeline.json").read_text("utf-8")
+    frames = "\n".join(f"{i}\t{p}\t{d}" for i, p, d in zip(rows["image_id"].astype(str), rows["path"].astype(str),
+                                                          rows["day"].astype(str)))
+    return hashlib.sha1(json.dumps([choice.__dict__, model, frames], default=str).encode()).hexdigest()
+
+
+def resumable_frames(out: Path, signature: str) -> set[str] | None:
+    """The image ids an interrupted run with this signature wrote (its parts are whole: each is written at
+    once), or None when there is no such run to resume (nothing there, or another input or pipeline)."""
+    try:
+        recorded = json.loads((out / RUN_FILE).read_text("utf-8")).get("signature")
+    except (FileNotFoundError, ValueError):
+        return None
+    if recorded != signature:
+        return None
+    done: set[str] = set()
+    for part in (p for p in out.iterdir() if p.name.startswith("day=")):
+        for f in storage.files(part, (".parquet",)):
+            done.update(storage.read_parquet(f, columns=["image_id"])["image_id"].astype(str))
+    return done

@@ -40,10 +40,9 @@ table.events td.kf{padding:1px}table.events img{width:120px;height:90px;object-f
 
 
 def _confusion_png(cm: pd.DataFrame, title: str) -> str:
-    import matplotlib
+    from .plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n = len(cm)
     fig, ax = plt.subplots(figsize=(1.2 + 0.55 * n, 1.0 + 0.5 * n))
@@ -223,7 +222,7 @@ def build_report(study: str | Path, gallery_size: int = 24, options: storage.Opt
         cm_path = cls_dir / "confusion" / f"{tag}.csv"
         if cm_path.exists():
             parts.append(f"<h3>Confusion matrix of the best pipeline ({escape(tag.replace('__', ' / '))})</h3>"
-                         f"<div class='cm'><img alt='confusion {tag}' src='{_confusion_png(storage.read_csv(cm_path, index_col=0), tag)}'></div>")
+                         f"<div class='cm'><img alt='confusion {escape(tag)}' src='{_confusion_png(storage.read_csv(cm_path, index_col=0), tag)}'></div>")
         if (cls_dir / "predictions.parquet").exists():
             preds = of_protocol(storage.read_parquet(cls_dir / "predictions.parquet"), str(res["protocol"].iloc[0])
                                 if "protocol" in res else "image")
@@ -270,13 +269,13 @@ def build_report(study: str | Path, gallery_size: int = 24, options: storage.Opt
         for _, r in ft.iterrows():
             png = ft_dir / r["model"] / r["run_dir"] / "learning_curves.png"
             if png.exists():
-                parts.append(f"<img alt='learning curves {r['model']} {r['method']}' src='{png_uri(png.read_bytes())}'>")
+                parts.append(f"<img alt='learning curves {escape(r['model'])} {escape(r['method'])}' src='{png_uri(png.read_bytes())}'>")
         parts.append("</div>")
         for _, r in ft.iterrows():
             cm_path = ft_dir / r["model"] / r["run_dir"] / "confusion.csv"
             if cm_path.exists():
                 title = f"{r['model']} {r['method'].upper()}"
-                parts.append(f"<div class='cm'><img alt='confusion {title}' "
+                parts.append(f"<div class='cm'><img alt='confusion {escape(title)}' "
                              f"src='{_confusion_png(storage.read_csv(cm_path, index_col=0), title)}'></div>")
 
     if best_rows:

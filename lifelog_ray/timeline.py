@@ -18,10 +18,9 @@ def day_timeline_png(day: pd.DataFrame, bands: list[tuple[str, str]], classes: l
                      thumbnails: list[tuple[float, np.ndarray]] | None = None) -> bytes:
     """``day``: one row per image with `timestamp` and the columns named in ``bands`` ((label, column));
     each image is a bar up to the next image (at most 5 minutes), coloured by its category."""
-    import matplotlib
+    from .plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.patches import Patch
 
     t = pd.to_datetime(day["timestamp"], errors="coerce")

@@ -113,6 +113,33 @@ def test_predict_labels_a_new_day_partitioned_by_day(study, tmp_path):
     for by in ("day", "week", "month"):
         b = pd.read_parquet(out / f"summary_by_{by}.parquet")
         assert abs(b["minutes"].sum() - events["duration_s"].sum() / 60) < 1e-6 and b["frames"].sum() == 12
-    assert "events" in res.line()
-    out2 = run_predict(cfg, str(new), "approach2", "new-ft").output  # the fine-tuned model too
+    assert "events" in res.line() and "(0 already done)" in res.line()
+
+    # Killed half-way, resumed: a run killed while labelling leaves whole parts without smoothed columns (the
+    # writer puts each part at once), here the first day's, and no summaries. The same command then labels only
+    # the rest, says how many it kept, and ends with the uninterrupted run's frames, events and summaries.
+    def tables() -> dict[str, pd.DataFrame]:
+        frames = read_predictions(out).sort_values("image_id").reset_index(drop=True)
+        return {"frames": frames, **{f: pd.read_parquet(out / f"{f}.parquet") for f in
+                                     ("events", "summary_by_day", "summary_by_week", "summary_by_month")}}
+
+    whole = tables()
+    kept = out / "day=2016-08-15"
+    first = read_predictions(out)
+    first = first[first["day"] == "2016-08-15"].drop(columns=["day", "smoothed_label", "smoothed_confidence"])
+    for f in list(out.iterdir()):
+        if f.name not in ("_run.json",):
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+    kept.mkdir()
+    first.iloc[: len(first) // 2].to_parquet(kept / "part-a.parquet")
+    first.iloc[len(first) // 2:].to_parquet(kept / "part-b.parquet")
+    again = run_predict(cfg, str(new), "approach1", "new")
+    assert f"({len(first)} already done)" in again.line() and again.images == n
+    resumed = tables()
+    for name, table in whole.items():
+        pd.testing.assert_frame_equal(resumed[name], table, check_like=True, obj=name)
+    # the fine-tuned model too; another pipeline under the same name replaces the set rather than resuming it
+    res2 = run_predict(cfg, str(new), "approach2", "new")
+    assert "(0 already done)" in res2.line()
+    out2 = res2.output
     assert read_predictions(out2)["predicted_label"].notna().sum() == 12

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -76,6 +77,29 @@ class BayesianRidgeClassifier(ClassifierMixin, BaseEstimator):
         return d / d.sum(axis=1, keepdims=True)
 
 
+# A search space is data a colleague may hand over with a study: it may name estimator classes of these
+# packages only, and only scikit-learn estimators (subclasses of BaseEstimator), never any other callable.
+ESTIMATOR_PACKAGES = ("sklearn", "xgboost", "lifelog_ray")
+
+
+def estimator_class(path: Any, what: str) -> type:
+    """The estimator class a search space names, checked before anything of it is imported or called."""
+    if not isinstance(path, str) or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", path):
+        raise LifelogError(f"{what}: estimator {path!r} is not a dotted class path such as "
+                           f"sklearn.svm.SVC")
+    module, _, name = path.rpartition(".")
+    if module.split(".", 1)[0] not in ESTIMATOR_PACKAGES or name.startswith("_"):
+        raise LifelogError(f"{what}: estimator {path} is refused: a search space may name estimator classes of "
+                           f"{', '.join(ESTIMATOR_PACKAGES)} only")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise LifelogError(f"{what}: cannot import {path} ({e})") from None
+    if not (inspect.isclass(cls) and issubclass(cls, BaseEstimator)):
+        raise LifelogError(f"{what}: {path} is not a scikit-learn estimator class (a subclass of BaseEstimator)")
+    return cls
+
+
 @dataclass
 class ClassifierSpec:
     name: str
@@ -88,11 +112,7 @@ class ClassifierSpec:
         return list(ParameterGrid({k: list(v) for k, v in self.grid.items()})) if self.grid else [{}]
 
     def build(self, params: dict[str, Any], seed: int = 0, n_jobs: int = 1) -> Any:
-        module, _, cls = self.estimator.rpartition(".")
-        try:
-            est_cls = getattr(importlib.import_module(module), cls)
-        except (ImportError, AttributeError) as e:
-            raise LifelogError(f"classifier {self.name}: cannot import {self.estimator} ({e})") from None
+        est_cls = estimator_class(self.estimator, f"classifier {self.name}")
         kwargs = {**self.fixed, **params}
         accepted = inspect.signature(est_cls.__init__).parameters
         if "random_state" in accepted and "random_state" not in kwargs:
@@ -137,6 +157,7 @@ def load_search_space(path: str | Path | None, names: list[str]) -> list[Classif
         d = data[n]
         if not isinstance(d, dict) or "estimator" not in d:
             raise LifelogError(f"{source}: {n} needs an 'estimator' (dotted path) and a 'grid'")
+        estimator_class(d["estimator"], f"{source}: classifier {n}")  # refused here, before any trial runs
         out.append(ClassifierSpec(n, d["estimator"], d.get("grid") or {}, d.get("fixed") or {}))
     return out
 

@@ -230,7 +230,8 @@ def markers(fs, study: str) -> int:
         return 0
 
 
-def test_a_bad_day_a_gpu_node_lost_mid_extract_behind_a_flaky_object_store(cluster, s3, long_lifelog, tmp_path):
+def test_a_bad_day_a_gpu_node_lost_mid_extract_behind_a_flaky_object_store(cluster, s3, long_lifelog, tmp_path, ray_local,
+                                                                           capsys):
     """Both at once, as a bad day on a cloud brings them: a share of S3 requests answered 503 SlowDown or dropped
     (before moto sees them, or after it applied them), and a GPU worker node lost mid-extract (its processes
     killed). The run completes with every image exactly once, the autoscaler replaces the node, a retried
@@ -267,12 +268,17 @@ def test_a_bad_day_a_gpu_node_lost_mid_extract_behind_a_flaky_object_store(clust
                 run.kill()
         assert run.returncode == 0, out[-5000:]
         gpu_after = {n["node_id"] for n in cluster.nodes(alive=False) if n["resources"].get("GPU")}  # before predict
-        # predict through the same store, with the recipe's study (its classify pipelines), to a set of its own
+        # predict through the same store, with the recipe's study (its classify pipelines), to a set of its own:
+        # the CLI in this process, on the session's Ray (the store's faults are what this step is about; predict
+        # on the cluster's GPU nodes is the recipe's, above)
         recipe = cloud_config(tmp_path, flaky, "cluster/study")
-        labelled = subprocess.run([str(BIN / "lifelog-ray"), "predict", "--config", str(recipe), "--name", "flaky"],
-                                  env=env, capture_output=True, text=True, timeout=900)
+        from lifelog_ray import cli
+
+        capsys.readouterr()
+        code = cli.main(["predict", "--config", str(recipe), "--name", "flaky", "--ray-address", "local"])
+        labelled = capsys.readouterr()
         faults = {k: v for k, v in proxy.counts.items() if ":" not in k}
-    assert labelled.returncode == 0, (labelled.stdout + labelled.stderr)[-5000:]
+    assert code == 0, (labelled.out + labelled.err)[-5000:]
     assert sum(faults.get(f, 0) for f in ("slowdown", "drop_before", "drop_after")) >= 20, faults
     fs.invalidate_cache()  # the polling above listed folders mid-run: read what the cluster wrote afresh
     manifest = pd.read_parquet(f"s3://{BUCKET}/{study}/manifest.parquet", storage_options=options["s3"])
@@ -306,7 +312,7 @@ def test_a_bad_day_a_gpu_node_lost_mid_extract_behind_a_flaky_object_store(clust
                             ignore_prefixes=NOT_FRAMES)
     assert len(preds) == 50 and preds["image_id"].is_unique
     # the retries, per layer, in the extract and predict logs and summary lines
-    assert "object-store request(s) retried" in out + labelled.stdout + labelled.stderr
+    assert "object-store request(s) retried" in out + labelled.out + labelled.err
     summary = {}
     for stage in ("extract", "predict"):
         assert "retried by botocore" in logs[stage] and "in this run" in logs[stage], logs[stage][-3000:]

@@ -120,7 +120,8 @@ def test_both_approaches_on_the_same_subsets_resume_after_a_kill_and_never_train
     study = curve_study.study_dir
     # no --config: the curve takes the study's own classify and fine-tuning settings (their resolved configs),
     # here with two epochs, so that a run can be killed between them
-    args = ["curve", "--study", str(study), "--fractions", "0.5,1", "--seeds", "1", "--approach", "both",
+    # one subset (half the training images, one seed): both approaches on it, one fine-tuning run to kill and resume
+    args = ["curve", "--study", str(study), "--fractions", "0.5", "--seeds", "1", "--approach", "both",
             "--ray-address", "local", "--set", "finetune.epochs=2"]
     # the first run in a process of its own, killed with its Ray as a machine going away; the same command
     # then resumes, and runs a third time, in this process (on the session's Ray: a new process adds nothing)
@@ -140,7 +141,7 @@ def test_both_approaches_on_the_same_subsets_resume_after_a_kill_and_never_train
 
     assert cli.main(args) == 0
     raw = pd.read_parquet(study / "curve" / "curve_runs.parquet")
-    assert sorted(raw["approach"].unique()) == [1, 2] and len(raw) == 4
+    assert sorted(raw["approach"].unique()) == [1, 2] and len(raw) == 2
     # the same subsets for both approaches, by image id, and they are the recorded ones
     subsets = pd.read_parquet(study / "curve" / "subsets.parquet")
     from lifelog_ray.curve import ids_sha1
@@ -151,7 +152,7 @@ def test_both_approaches_on_the_same_subsets_resume_after_a_kill_and_never_train
         assert g["n_train"].nunique() == 1 and int(g["n_train"].iloc[0]) == len(ids)
     # the interrupted run resumed from its checkpoint: epoch 1 was not trained again
     metrics = {p.parent.name: json.loads(p.read_text()) for p in runs.glob("*/metrics.json")}
-    assert len(metrics) == 2
+    assert len(metrics) == 1
     resumed = [m for m in metrics.values() if m["resumed_at"]]
     assert len(resumed) == 1 and resumed[0]["resumed_at"] == [1], metrics
     history = pd.read_csv(next(p.parent / "history.csv" for p in runs.glob("*/metrics.json")

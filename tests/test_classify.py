@@ -156,6 +156,14 @@ def test_pca_variance_and_streaming_solver(tmp_path):
     assert sum(len(v) for v in inc.y.values()) == 1797
     fixed = load_feature_set(tmp_path, "digits", "pixels", 10, "randomized")
     assert fixed.n_components == 10
+    # one meaning of `pca: 0.95` on every path: the cap on components (1,024 by default, 8 here) is where the
+    # incremental and randomized fits start, never where the share of the variance they keep ends
+    for solver, kw in (("incremental", {"batch_rows": 200}), ("randomized", {})):
+        capped = load_feature_set(tmp_path, "digits", "pixels", 0.95, solver, max_components=8, **kw)
+        kept = capped.pca.explained_variance_ratio_
+        assert kept.sum() >= 0.95 and kept[:-1].sum() < 0.95, (solver, kept.sum())
+        assert abs(capped.n_components - full.n_components) <= 2, (solver, capped.n_components, full.n_components)
+        assert sum(len(v) for v in capped.y.values()) == 1797
 
 
 def test_bayesian_ridge_classifier_passes_scikit_learns_checks():

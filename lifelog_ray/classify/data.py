@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -83,27 +84,48 @@ def _choose_k(evr: np.ndarray, spec: float | int) -> int:
     return int(min(int(spec), len(evr)))
 
 
+def _short(evr: np.ndarray, spec: float | int) -> bool:
+    """True when the components fitted so far explain less than a variance share asked for (`pca: 0.95`)."""
+    return isinstance(spec, float) and 0 < spec < 1 and float(np.sum(evr)) < spec
+
+
+def _truncate(fitted: PCA | IncrementalPCA, k: int) -> None:
+    fitted.components_ = fitted.components_[:k]
+    fitted.n_components_ = k
+    if isinstance(fitted, IncrementalPCA):
+        fitted.n_components = k
+    fitted.explained_variance_ = fitted.explained_variance_[:k]
+    fitted.explained_variance_ratio_ = fitted.explained_variance_ratio_[:k]
+    fitted.singular_values_ = fitted.singular_values_[:k]
+
+
 def fit_pca_streaming(ds: pads.Dataset, spec: float | int, batch_rows: int, max_components: int,
-                      train: pc.Expression | None = None) -> IncrementalPCA:
-    """Incremental PCA over the train split, batch by batch from disk: memory is bounded by a batch."""
+                      train: pc.Expression | None = None, limit: int | None = None) -> IncrementalPCA:
+    """Incremental PCA over the train split, batch by batch from disk: memory is bounded by a batch (of at least
+    as many rows as components). A variance share (`pca: 0.95`) means the same as on the in-memory paths: when
+    ``max_components`` explain less, the fit is redone with twice as many, up to ``limit`` (the train rows or
+    the width, where the components explain all of it)."""
     train = pc.field("split") == "train" if train is None else train
-    ipca = IncrementalPCA(n_components=max_components)
-    pending: list[np.ndarray] = []
-    rows = 0
-    for b in ds.to_batches(columns=["features"], filter=train, batch_size=batch_rows):
-        pending.append(_to_matrix(b.column(0)))
-        rows += len(pending[-1])
-        if rows >= max(batch_rows, max_components):
+    limit = limit or max_components
+    n = min(max_components, limit)
+    while True:
+        ipca = IncrementalPCA(n_components=n)
+        pending: list[np.ndarray] = []
+        rows = 0
+        for b in ds.to_batches(columns=["features"], filter=train, batch_size=batch_rows):
+            pending.append(_to_matrix(b.column(0)))
+            rows += len(pending[-1])
+            if rows >= max(batch_rows, n):
+                ipca.partial_fit(np.concatenate(pending))
+                pending, rows = [], 0
+        if pending:  # the last rows too (only the first call needs as many rows as components)
             ipca.partial_fit(np.concatenate(pending))
-            pending, rows = [], 0
-    if pending and rows >= max_components:
-        ipca.partial_fit(np.concatenate(pending))
-    k = _choose_k(ipca.explained_variance_ratio_, spec)
-    ipca.components_ = ipca.components_[:k]
-    ipca.n_components_ = ipca.n_components = k
-    ipca.explained_variance_ = ipca.explained_variance_[:k]
-    ipca.explained_variance_ratio_ = ipca.explained_variance_ratio_[:k]
-    ipca.singular_values_ = ipca.singular_values_[:k]
+        if not _short(ipca.explained_variance_ratio_, spec) or n >= limit:
+            break
+        log.info("PCA: %d components explain %.1f%% of the variance, under the %.0f%% asked: refitting with %d",
+                 n, 100 * float(np.sum(ipca.explained_variance_ratio_)), 100 * spec, min(2 * n, limit))
+        n = min(2 * n, limit)
+    _truncate(ipca, _choose_k(ipca.explained_variance_ratio_, spec))
     return ipca
 
 
@@ -127,47 +149,65 @@ def load_feature_set(
     if pca is not None and solver == "incremental":
         train = (pc.field("split") == "train" if splits is None else
                  pc.field("image_id").isin(pa.array([i for i, s in splits.items() if s == "train"], pa.string())))
-        fitted = fit_pca_streaming(ds, pca, batch_rows, min(max_components, width or max_components), train)
-    X: dict[str, list[np.ndarray]] = {s: [] for s in SPLIT_NAMES}
-    y: dict[str, list[np.ndarray]] = {s: [] for s in SPLIT_NAMES}
-    ids: dict[str, list[np.ndarray]] = {s: [] for s in SPLIT_NAMES}
+        n_train = ds.count_rows(filter=train)
+        fitted = fit_pca_streaming(ds, pca, batch_rows, min(max_components, width or max_components), train,
+                                   limit=min(n_train, width or n_train))
+    # Each split's matrix is allocated once and the features are read batch by batch straight into it (a file
+    # at a time): the peak is the sets' own bytes and a batch, never a whole Arrow table beside its copies.
     sorted_classes = np.asarray(classes)  # sorted: a label's index is where it sorts among them
-    if big:  # stream: only the reduced matrix is held in memory
-        batches = ds.to_batches(columns=["image_id", "label", "split", "features"], batch_size=batch_rows)
-    else:
-        batches = [ds.to_table(columns=["image_id", "label", "split", "features"])]
-    for b in batches:
+    all_ids = _strings(meta.column("image_id"))
+    split = _strings(meta.column("split"))
+    if splits is not None:
+        split = pd.Series(all_ids).map(splits).fillna(pd.Series(split)).to_numpy().astype(str)
+    labels = np.searchsorted(sorted_classes, _strings(meta.column("label")))  # no Python loop over rows
+    rows = {s: np.flatnonzero(split == s) for s in SPLIT_NAMES}
+    rank = np.zeros(n, np.int64)  # a row's place in its split's matrix
+    for r in rows.values():
+        rank[r] = np.arange(len(r))
+    index = pd.Index(all_ids)
+    X: dict[str, np.ndarray] = {}
+    seen = 0
+    for b in ds.to_batches(columns=["image_id", "features"], batch_size=batch_rows):
+        if not b.num_rows:
+            continue
         feats = _to_matrix(b.column("features"))
         if fitted is not None:
             feats = fitted.transform(feats).astype(np.float32)
-        split = _strings(b.column("split"))
-        image_ids = _strings(b.column("image_id"))
-        if splits is not None:
-            split = np.asarray([splits.get(i, s) for i, s in zip(image_ids, split)])
-        labels = np.searchsorted(sorted_classes, _strings(b.column("label")))  # no Python loop over rows
+        if not X:
+            X = {s: np.empty((len(r), feats.shape[1]), np.float32) for s, r in rows.items()}
+        at = (index.get_indexer(_strings(b.column("image_id"))) if index.is_unique
+              else np.arange(seen, seen + b.num_rows))  # the same scan order as `meta` otherwise
+        seen += b.num_rows
+        if (at < 0).any():
+            seen = -1  # a row not listed a moment ago: the set changed while it was read
+            break
         for s in SPLIT_NAMES:
-            m = split == s
-            X[s].append(feats[m])
-            y[s].append(labels[m])
-            ids[s].append(image_ids[m])
-    Xs = {s: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for s, v in X.items()}
-    ys = {s: np.concatenate(v) for s, v in y.items()}
-    idss = {s: np.concatenate(v) for s, v in ids.items()}
+            m = split[at] == s
+            X[s][rank[at[m]]] = feats[m]
+    if seen != n:
+        raise LifelogError(f"features {model}/{layer}: the rows read differ from the {n} listed a moment before "
+                           f"(a study being written?); run again")
+    Xs = X or {s: np.zeros((len(r), 0), np.float32) for s, r in rows.items()}
+    ys = {s: labels[r] for s, r in rows.items()}
+    idss = {s: all_ids[r] for s, r in rows.items()}
     if len(ys["train"]) == 0 or len(ys["val"]) == 0:
         raise LifelogError(f"features {model}/{layer}: the train and val splits must both have rows")
     full_width = Xs["train"].shape[1]
     if pca is not None and fitted is None:
-        if solver == "randomized":
-            k_max = min(max_components, *Xs["train"].shape)
-            fitted = PCA(n_components=k_max, svd_solver="randomized", random_state=seed).fit(Xs["train"])
-            k = _choose_k(fitted.explained_variance_ratio_, pca)
-            fitted.components_ = fitted.components_[:k]
-            fitted.n_components_ = k
-            fitted.explained_variance_ = fitted.explained_variance_[:k]
-            fitted.explained_variance_ratio_ = fitted.explained_variance_ratio_[:k]
+        if solver == "randomized":  # the same meaning as "full": twice the components until the share is reached
+            limit = min(Xs["train"].shape)
+            k_max = min(max_components, limit)
+            while True:
+                fitted = PCA(n_components=k_max, svd_solver="randomized", random_state=seed).fit(Xs["train"])
+                if not _short(fitted.explained_variance_ratio_, pca) or k_max >= limit:
+                    break
+                k_max = min(2 * k_max, limit)
+            _truncate(fitted, _choose_k(fitted.explained_variance_ratio_, pca))
         else:
             n_comp = pca if isinstance(pca, float) and pca < 1 else min(int(pca), *Xs["train"].shape)
             fitted = PCA(n_components=n_comp, svd_solver="full", random_state=seed).fit(Xs["train"])
         Xs = {s: fitted.transform(v).astype(np.float32) if len(v) else v for s, v in Xs.items()}
-    log.info("%s/%s: %d rows, width %s -> %d components", model, layer, n, width or full_width, Xs["train"].shape[1])
+    kept = f" ({100 * float(np.sum(fitted.explained_variance_ratio_)):.1f}% of the variance)" if fitted is not None else ""
+    log.info("%s/%s: %d rows, width %s -> %d components%s", model, layer, n, width or full_width,
+             Xs["train"].shape[1], kept)
     return FeatureSet(model, layer, classes, Xs, ys, idss, int(width or full_width), fitted)

@@ -54,9 +54,10 @@ class ShardWriter:
     (one file per layer) once all of them are written, so readers of a layer never see part of a unit.
     """
 
-    def __init__(self, staging: Path, layers: list[str]) -> None:
+    def __init__(self, staging: Path, layers: list[str], dtype: str = "float32") -> None:
         self.staging = staging  # a Path, or a UPath (S3/GCS) that carries its filesystem options
         self.layers = layers
+        self.dtype = np.dtype(dtype)  # extract.store_dtype
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         before = storage.retry_counts()
@@ -70,7 +71,7 @@ class ShardWriter:
             part = f"{unit}_p{_hash(ids, 8)}" if ids else ""
             if ids:
                 for layer in self.layers:
-                    feats = np.ascontiguousarray(batch[f"feat__{layer}"][good], dtype=np.float32)
+                    feats = np.ascontiguousarray(batch[f"feat__{layer}"][good], dtype=self.dtype)
                     table = pa.table(
                         {
                             "image_id": pa.array(ids, pa.string()),
@@ -202,17 +203,17 @@ def plan_units(pending: pd.DataFrame, unit_size: int) -> pd.DataFrame:
     return pending
 
 
-def _check_signature(model_dir: Path, spec: BackboneSpec, backend: str) -> dict:
+def _check_signature(model_dir: Path, spec: BackboneSpec, backend: str, store_dtype: str = "float32") -> dict:
     """Refuse features made another way; returns the study's signature (written here on the first run).
-    A study from before backends and GPU decode was extracted on TensorFlow with CPU decode."""
+    A study from before backends and GPU decode was extracted on TensorFlow with CPU decode, and stored float32."""
     sig_path = model_dir / "_extract.json"
     sig = {"model": spec.model, "weights": spec.weights, "image_size": spec.image_size, "seed": spec.seed,
-           "precision": spec.precision, "backend": backend}
+           "precision": spec.precision, "backend": backend, "store_dtype": store_dtype}
     if sig_path.exists():
         old = json.loads(sig_path.read_text("utf-8"))
         if "backend" not in old:
             old.setdefault("decode", "cpu")
-        recorded = {**old, "backend": old.get("backend", "tensorflow")}
+        recorded = {**old, "backend": old.get("backend", "tensorflow"), "store_dtype": old.get("store_dtype", "float32")}
         mine = {k: recorded.get(k) for k in sig}
         if mine != sig or not set(spec.layers) <= set(recorded.get("layers", [])):
             raise LifelogError(
@@ -322,7 +323,7 @@ def feature_dataset(cfg: StudyConfig, spec: BackboneSpec, rows: pd.DataFrame, st
     ds = model_stage(rows, spec, weights, e, decode, plan, initial, cfg.storage.options)
     # The writer is idempotent (a part's name is the hash of its image ids).
     return ds.map_batches(
-        ShardWriter, fn_constructor_kwargs={"staging": staging, "layers": list(spec.layers)},
+        ShardWriter, fn_constructor_kwargs={"staging": staging, "layers": list(spec.layers), "dtype": e.store_dtype},
         batch_size=e.unit_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_actors),
         num_cpus=0.25, batch_format="numpy",
     )
@@ -384,7 +385,7 @@ def _extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | Non
     model_dir = cfg.study_dir / "features" / model
     if e.overwrite:
         storage.rmtree(model_dir)
-    signature = _check_signature(model_dir, spec, e.backend)
+    signature = _check_signature(model_dir, spec, e.backend, e.store_dtype)
     ledger = UnitLedger(model_dir)
     removed = ledger.remove_orphans(list(spec.layers))
     if removed:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import LAYERS, SIZE, bad_corpus, extract_config, make_study
@@ -56,6 +57,26 @@ def test_features_equal_keras_predict_for_every_tap(tmp_path, ray_local):
         got = np.stack(t.loc[manifest["image_id"], "features"].to_numpy())
         assert got.shape == expected[layer].shape
         np.testing.assert_allclose(got, expected[layer], rtol=1e-4, atol=1e-5 * np.abs(expected[layer]).max())
+    # extract.store_dtype float16: half the bytes on disk, recorded in _extract.json, Keras' values to float16's
+    # precision, and read back as float32 by classify's loader (audit's and the curve's too)
+    half = extract_config(tmp_path, root, weights=str(official), store_dtype="float16")
+    half.output.study = str(tmp_path / "half")
+    build_manifest(half)
+    run_extract(half)
+    assert json.loads((tmp_path / "half" / "features" / "vgg19" / "_extract.json").read_text())["store_dtype"] == "float16"
+    from lifelog_ray.classify.data import load_feature_set
+
+    for layer in LAYERS:
+        t = read_features(tmp_path / "half", "vgg19", layer)
+        assert t.schema.field("features").type.value_type == pa.float16(), t.schema
+        fs = load_feature_set(tmp_path / "half", "vgg19", layer, None)
+        got = {i: x for s in fs.X for i, x in zip(fs.ids[s], fs.X[s])}
+        got = np.stack([got[i] for i in manifest["image_id"]])
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, expected[layer], rtol=2e-3, atol=1e-3 * np.abs(expected[layer]).max())
+    with pytest.raises(LifelogError, match="store_dtype"):  # a study stays one type: no silent mix of the two
+        run_extract(extract_config(tmp_path, root, weights=str(official)).model_copy(
+            update={"output": half.output}))
 
 
 def test_decode_handles_modes_and_orientation():
@@ -98,6 +119,14 @@ def test_bad_images_become_rejects_and_accounting_holds(tmp_path, ray_local):
     for layer, a in accounting(tmp_path / "study", "vgg19", LAYERS).items():
         assert a["manifest"] == a["features"] + a["rejects"], layer
         assert a["features"] == a["unique"]
+    # a second backbone added to the study later: its accounting holds too, and rejects.parquet keeps every
+    # backbone's rejects (one row per backbone and image), not only the last run's
+    (added,) = run_extract(extract_config(tmp_path, root, max_image_pixels=40_000, models="vgg16", layers="fc2"))
+    assert added.rejected == 4 and added.processed == len(rows) - 4
+    a = accounting(tmp_path / "study", "vgg16", ["fc2"])["fc2"]
+    assert a["manifest"] == a["features"] + a["rejects"] and a["features"] == a["unique"]
+    ext = pd.read_parquet(tmp_path / "study" / "rejects.parquet").query("stage == 'extract'")
+    assert sorted(ext["detail"].str.split(":").str[0].value_counts().items()) == [("vgg16", 4), ("vgg19", 4)], ext
 
 
 def test_resume_growth_and_readers_without_ray(tmp_path, ray_local):

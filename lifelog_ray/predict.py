@@ -232,53 +232,93 @@ def read_partition(part: Path) -> pd.DataFrame:
 
 
 def smooth_days(out: Path, smoother: Smoother | None, max_gap_s: float) -> None:
-    """Add `smoothed_label` and `smoothed_confidence` to each day's predictions: the class probabilities
-    smoothed along that day's time-ordered images (a day is one partition, so it is read whole). The day's
-    parts become one file, `smoothed-0.parquet`, its rows in time order."""
-    for part in sorted(p for p in out.iterdir() if p.name.startswith("day=")):
-        df = read_partition(part).drop_duplicates("image_id")  # a part per batch: never an image twice
-        df = df.drop(columns=["smoothed_label", "smoothed_confidence"], errors="ignore")  # a resumed day: again
-        df = df.iloc[np.argsort(pd.to_datetime(df["timestamp"], errors="coerce").to_numpy(), kind="stable")]
-        df = df.reset_index(drop=True)
-        classes = [c[len("prob__"):] for c in df.columns if c.startswith("prob__")]
-        ok = (df["error"] == "").to_numpy()
-        probs = df[[f"prob__{c}" for c in classes]].to_numpy(dtype=np.float64)[ok]
-        labels = np.full(len(df), None, dtype=object)
-        conf = np.full(len(df), np.nan, dtype=np.float32)
-        if ok.any():
-            smoothed = probs
-            if smoother is not None:
-                seqs = sequences(np.full(int(ok.sum()), part.name), df["timestamp"].to_numpy()[ok], max_gap_s)
-                smoothed = smoother.apply(probs, seqs)
-            best = np.argmax(smoothed, axis=1)
-            labels[ok] = np.asarray(classes, dtype=object)[best]
-            # an HMM decodes labels, not probabilities: its confidence is the image's own for that label
-            conf[ok] = (probs if smoother is not None and smoother.method == "hmm" else smoothed)[np.arange(len(best)), best]
-        at = df.columns.get_loc("confidence") + 1
-        df.insert(at, "smoothed_label", labels)
-        df.insert(at + 1, "smoothed_confidence", conf)
-        old = list(storage.files(part, (".parquet",)))
-        storage.write_df_atomic(df, part / "smoothed-0.parquet")
-        for f in old:
-            if f.name != "smoothed-0.parquet":
-                storage.unlink(f)
+    """Add `smoothed_label` and `smoothed_confidence` to each day's predictions, day after day in this process
+    (run_predict does the same per day as Ray tasks: `finish_day`)."""
+    for part in day_parts(out):
+        smooth_day(part, smoother, max_gap_s)
+
+
+def day_parts(out: Path) -> list[Path]:
+    return sorted(p for p in out.iterdir() if p.name.startswith("day="))
+
+
+def smooth_day(part: Path, smoother: Smoother | None, max_gap_s: float) -> pd.DataFrame:
+    """One day's probabilities smoothed along its time-ordered images (a day is one partition, so it is read
+    whole). The day's parts become one file, `smoothed-0.parquet`, its rows in time order. Idempotent: a rerun
+    after a kill between the write and the deletes reads each image once and writes the same file."""
+    df = read_partition(part).drop_duplicates("image_id")  # a part per batch: never an image twice
+    df = df.drop(columns=["smoothed_label", "smoothed_confidence"], errors="ignore")  # a resumed day: again
+    df = df.iloc[np.argsort(pd.to_datetime(df["timestamp"], errors="coerce").to_numpy(), kind="stable")]
+    df = df.reset_index(drop=True)
+    classes = [c[len("prob__"):] for c in df.columns if c.startswith("prob__")]
+    ok = (df["error"] == "").to_numpy()
+    probs = df[[f"prob__{c}" for c in classes]].to_numpy(dtype=np.float64)[ok]
+    labels = np.full(len(df), None, dtype=object)
+    conf = np.full(len(df), np.nan, dtype=np.float32)
+    if ok.any():
+        smoothed = probs
+        if smoother is not None:
+            seqs = sequences(np.full(int(ok.sum()), part.name), df["timestamp"].to_numpy()[ok], max_gap_s)
+            smoothed = smoother.apply(probs, seqs)
+        best = np.argmax(smoothed, axis=1)
+        labels[ok] = np.asarray(classes, dtype=object)[best]
+        # an HMM decodes labels, not probabilities: its confidence is the image's own for that label
+        conf[ok] = (probs if smoother is not None and smoother.method == "hmm" else smoothed)[np.arange(len(best)), best]
+    at = df.columns.get_loc("confidence") + 1
+    df.insert(at, "smoothed_label", labels)
+    df.insert(at + 1, "smoothed_confidence", conf)
+    old = list(storage.files(part, (".parquet",)))
+    storage.write_df_atomic(df, part / "smoothed-0.parquet")
+    for f in old:
+        if f.name != "smoothed-0.parquet":
+            storage.unlink(f)
+    return df
+
+
+def write_timeline(df: pd.DataFrame, day: str, out: Path, options: dict | None, smoothing: str) -> None:
+    """The day's PNG, `_timelines/<YYYY-MM-DD>.png` (outside the Parquet partitions): the per-image and the
+    smoothed labels along the day, with a few thumbnails."""
+    from .timeline import day_timeline_png, thumbnails_of
+
+    ok = df[df["error"] == ""]
+    if ok.empty:
+        return
+    classes = sorted(c[len("prob__"):] for c in df.columns if c.startswith("prob__"))
+    png = day_timeline_png(ok, [("per image", "predicted_label"), ("smoothed", "smoothed_label")], classes,
+                           f"{day}: predicted activities ({smoothing})", thumbnails_of(ok, options=options))
+    storage.write_bytes_atomic(png, out / "_timelines" / f"{day}.png")
 
 
 def write_timelines(out: Path, options: dict | None, smoothing: str) -> None:
-    """One PNG per labelled day, `_timelines/<YYYY-MM-DD>.png` (outside the Parquet partitions): the
-    per-image and the smoothed labels along the day, with a few thumbnails."""
-    from .timeline import day_timeline_png, thumbnails_of
+    """One PNG per labelled day, in this process (see `finish_day` for the Ray tasks run_predict uses)."""
+    for part in day_parts(out):
+        write_timeline(read_partition(part), part.name.split("=", 1)[1], out, options, smoothing)
 
-    for part in sorted(p for p in out.iterdir() if p.name.startswith("day=")):
-        df = read_partition(part)
-        ok = df[df["error"] == ""]
-        if ok.empty:
-            continue
-        classes = sorted(c[len("prob__"):] for c in df.columns if c.startswith("prob__"))
-        day = part.name.split("=", 1)[1]
-        png = day_timeline_png(ok, [("per image", "predicted_label"), ("smoothed", "smoothed_label")], classes,
-                               f"{day}: predicted activities ({smoothing})", thumbnails_of(ok, options=options))
-        storage.write_bytes_atomic(png, out / "_timelines" / f"{day}.png")
+
+def finish_day(part: Path, out: Path, smoother: Smoother | None, max_gap_s: float, options: dict | None,
+               smoothing: str) -> tuple[int, dict[str, int]]:
+    """A day's own work after labelling, as one Ray task per day (not serially in the driver: a timeline takes
+    ~1.7 s, ~20 minutes for 700 days): smoothing along the day, then its timeline. Returns its frames and the
+    object-store retries it saw (the run counts every retry, wherever it happened)."""
+    storage.watch_retries()  # this worker process may not have opened a URI path yet
+    before = storage.retry_counts()
+    df = smooth_day(part, smoother, max_gap_s)
+    write_timeline(df, part.name.split("=", 1)[1], out, options, smoothing)
+    return len(df), storage.retried_since(before)
+
+
+def finish_days(out: Path, smoother: Smoother | None, max_gap_s: float, options: dict | None) -> dict[str, int]:
+    """Every day's `finish_day` as a Ray task (idempotent, so a task lost with its node is simply rerun).
+    Returns the tasks' object-store retries."""
+    import ray
+
+    smoothing = smoother.describe() if smoother else "no smoother"
+    task = ray.remote(num_cpus=1, max_retries=3)(finish_day)
+    t0 = time.perf_counter()
+    done = ray.get([task.remote(part, out, smoother, max_gap_s, options, smoothing) for part in day_parts(out)])
+    log.info("predict: %d day(s), %d frames smoothed and drawn in %.1fs (a Ray task per day)", len(done),
+             sum(n for n, _ in done), time.perf_counter() - t0)
+    return {k: sum(r[k] for _, r in done) for k in storage.RETRY_LAYERS}
 
 
 @leased("predict")
@@ -348,10 +388,12 @@ def run_predict(cfg: StudyConfig, images: str | None = None, which: str | None =
             decode = resolve_decode(e.decode, recorded, plan.device, e.gpu_wait_s)[0]
             pe = e.model_copy(update={"image_size": size})
             ds = model_stage(todo, spec, weights, pe, decode, plan, got.ready, cfg.storage.options)
+            # PCA and the classifier in a pool of their own that grows with the model actors' output (one
+            # actor was the ceiling behind any number of GPUs: a paper-size RBF SVM labels a few hundred frames/s)
             ds = ds.map_batches(PipelineClassifier, fn_constructor_kwargs={
                 "study": study, "model": choice.model, "layer": layer, "classifier": clf},
-                batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25,
-                batch_format="numpy")
+                batch_size=e.batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_actors),
+                num_cpus=0.25, batch_format="numpy")
         else:  # fine-tuned pipelines run on tf-keras, with CPU decode
             ds = decoded_images(todo, size, e.max_image_pixels, e.batch_size, e.jpeg_draft, cfg.storage.options)
             ds = ds.map_batches(FinetunedClassifier, fn_constructor_kwargs={
@@ -374,12 +416,11 @@ def run_predict(cfg: StudyConfig, images: str | None = None, which: str | None =
         raise LifelogError(f"predict: {already + written} of {len(rows)} images were written; rerun the same "
                            f"command")
     where = where_phrase(plan, decode or "cpu", watch)
-    mine = storage.retried_since(driver_before)
-    retried = {k: retried[k] + mine[k] for k in retried}
     smoother = pipeline_smoother(study, choice)
-    smooth_days(out, smoother, cfg.classify.temporal_max_gap_s)
+    days = finish_days(out, smoother, cfg.classify.temporal_max_gap_s, cfg.storage.options)  # a Ray task per day
     found = events.write_summaries(out, cfg.classify.temporal_max_gap_s, cfg.predict.min_event_s)
-    write_timelines(out, cfg.storage.options, smoother.describe() if smoother else "no smoother")
+    mine = storage.retried_since(driver_before)
+    retried = {k: retried[k] + mine[k] + days[k] for k in retried}
     storage.write_text_atomic(json.dumps({**choice.__dict__, "smoothing": smoother.describe() if smoother else "",
                                           "where": where}, default=float, indent=1), out / "_pipeline.json")
     n = len(rows)

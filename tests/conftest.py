@@ -68,43 +68,23 @@ DEMO_SETS = {"extract.image_size": "32", "finetune.image_size": "32", "finetune.
              "classify.search_space": str(ROOT / "jobs" / "configs" / "search_space_small.yaml")}
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _demo_started(request, tmp_path_factory):
-    """Starts the session's whole-study run with the session, when a collected test reads it (`demo_run`): in its
-    own process, it runs beside the first modules' tests (~100 s on 2 cores) instead of in front of test_console,
-    which is the first to need it. (`make test-fast` collects no such test and starts nothing.)"""
-    if not any("demo_run" in item.fixturenames for item in request.session.items):
-        yield None
-        return
-    sample = request.getfixturevalue("sample_lifelog")
-    study = tmp_path_factory.mktemp("demo") / "study"
-    sets = [a for k, v in {**DEMO_SETS, "predict.images": str(sample.parent / "new-days")}.items()
-            for a in ("--set", f"{k}={v}")]
-    log = study.parent / "run.log"
-    with log.open("w") as out:
-        run = subprocess.Popen([str(Path(sys.executable).parent / "lifelog-ray"), "run", "--config",
-                                str(ROOT / "jobs" / "configs" / "sample.yaml"), "--root", str(sample),
-                                "--labels", str(sample / "labels.csv"), "--study", str(study),
-                                "--ray-address", "local", *sets],
-                               stdout=out, stderr=subprocess.STDOUT, text=True, cwd=study.parent)
-    yield run, study, log
-    if run.poll() is None:  # a session that ended early (-x, a failure in set-up): never leave it running
-        run.kill()
-        run.wait(timeout=60)
-
-
 @pytest.fixture(scope="session")
-def demo_run(_demo_started) -> DemoRun:
+def demo_run(tmp_path_factory, sample_lifelog) -> DemoRun:
     """The session's one whole-study run on local disk, which many tests read: `lifelog-ray run` with the demo's
-    config (jobs/configs/sample.yaml) in its own process, starting its own local Ray, as a user types it (started
-    with the session by `_demo_started`; this waits for it). test_console reads what it printed; test_study and
-    test_curve read the study it wrote.
+    config (jobs/configs/sample.yaml) in its own process, starting its own local Ray, as a user types it.
+    test_console reads what it printed; test_study and test_curve read the study it wrote.
     (The S3 study is the cloud recipe's, in test_cluster.py; the README recipe's is test_job_submit.py's.)"""
     from lifelog_ray.config import load_config
 
-    run, study, log = _demo_started
-    run.wait(timeout=1200)
-    out = log.read_text()
+    study = tmp_path_factory.mktemp("demo") / "study"
+    sets = [a for k, v in {**DEMO_SETS, "predict.images": str(sample_lifelog.parent / "new-days")}.items()
+            for a in ("--set", f"{k}={v}")]
+    run = subprocess.run([str(Path(sys.executable).parent / "lifelog-ray"), "run", "--config",
+                          str(ROOT / "jobs" / "configs" / "sample.yaml"), "--root", str(sample_lifelog),
+                          "--labels", str(sample_lifelog / "labels.csv"), "--study", str(study),
+                          "--ray-address", "local", *sets],
+                         capture_output=True, text=True, timeout=1200, cwd=study.parent)
+    out = run.stdout + run.stderr
     assert run.returncode == 0, out[-5000:]
     return DemoRun(load_config(study / "config.yaml"), out, run.returncode)  # the config the run resolved
 

@@ -233,7 +233,7 @@ def read_partition(part: Path) -> pd.DataFrame:
 
 def smooth_days(out: Path, smoother: Smoother | None, max_gap_s: float) -> None:
     """Add `smoothed_label` and `smoothed_confidence` to each day's predictions, day after day in this process
-    (run_predict does the same per day as Ray tasks: `finish_day`)."""
+    (run_predict does it, and draws each day's timeline, as a Ray task per day: `finish_days`)."""
     for part in day_parts(out):
         smooth_day(part, smoother, max_gap_s)
 
@@ -287,12 +287,6 @@ def write_timeline(df: pd.DataFrame, day: str, out: Path, options: dict | None, 
     png = day_timeline_png(ok, [("per image", "predicted_label"), ("smoothed", "smoothed_label")], classes,
                            f"{day}: predicted activities ({smoothing})", thumbnails_of(ok, options=options))
     storage.write_bytes_atomic(png, out / "_timelines" / f"{day}.png")
-
-
-def write_timelines(out: Path, options: dict | None, smoothing: str) -> None:
-    """One PNG per labelled day, in this process (see `finish_day` for the Ray tasks run_predict uses)."""
-    for part in day_parts(out):
-        write_timeline(read_partition(part), part.name.split("=", 1)[1], out, options, smoothing)
 
 
 def finish_day(part: Path, out: Path, smoother: Smoother | None, max_gap_s: float, options: dict | None,

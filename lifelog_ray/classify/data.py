@@ -89,6 +89,22 @@ def _short(evr: np.ndarray, spec: float | int) -> bool:
     return isinstance(spec, float) and 0 < spec < 1 and float(np.sum(evr)) < spec
 
 
+def _fit_share(fit, n: int, limit: int, spec: float | int) -> PCA | IncrementalPCA:
+    """``fit(n)`` with n components, then twice as many until they explain the variance share asked for (a float
+    spec) or ``limit`` is reached (where they explain all of it); cut to the components the spec keeps. The one
+    meaning of `pca` for the solvers that fit a fixed number of components (randomized, incremental)."""
+    n = min(n, limit)
+    while True:
+        fitted = fit(n)
+        if not _short(fitted.explained_variance_ratio_, spec) or n >= limit:
+            break
+        log.info("PCA: %d components explain %.1f%% of the variance, under the %.0f%% asked: refitting with %d",
+                 n, 100 * float(np.sum(fitted.explained_variance_ratio_)), 100 * spec, min(2 * n, limit))
+        n = min(2 * n, limit)
+    _truncate(fitted, _choose_k(fitted.explained_variance_ratio_, spec))
+    return fitted
+
+
 def _truncate(fitted: PCA | IncrementalPCA, k: int) -> None:
     fitted.components_ = fitted.components_[:k]
     fitted.n_components_ = k
@@ -106,9 +122,8 @@ def fit_pca_streaming(ds: pads.Dataset, spec: float | int, batch_rows: int, max_
     ``max_components`` explain less, the fit is redone with twice as many, up to ``limit`` (the train rows or
     the width, where the components explain all of it)."""
     train = pc.field("split") == "train" if train is None else train
-    limit = limit or max_components
-    n = min(max_components, limit)
-    while True:
+
+    def fit(n: int) -> IncrementalPCA:
         ipca = IncrementalPCA(n_components=n)
         pending: list[np.ndarray] = []
         rows = 0
@@ -120,13 +135,9 @@ def fit_pca_streaming(ds: pads.Dataset, spec: float | int, batch_rows: int, max_
                 pending, rows = [], 0
         if pending:  # the last rows too (only the first call needs as many rows as components)
             ipca.partial_fit(np.concatenate(pending))
-        if not _short(ipca.explained_variance_ratio_, spec) or n >= limit:
-            break
-        log.info("PCA: %d components explain %.1f%% of the variance, under the %.0f%% asked: refitting with %d",
-                 n, 100 * float(np.sum(ipca.explained_variance_ratio_)), 100 * spec, min(2 * n, limit))
-        n = min(2 * n, limit)
-    _truncate(ipca, _choose_k(ipca.explained_variance_ratio_, spec))
-    return ipca
+        return ipca
+
+    return _fit_share(fit, max_components, limit or max_components, spec)
 
 
 def load_feature_set(
@@ -195,14 +206,8 @@ def load_feature_set(
     full_width = Xs["train"].shape[1]
     if pca is not None and fitted is None:
         if solver == "randomized":  # the same meaning as "full": twice the components until the share is reached
-            limit = min(Xs["train"].shape)
-            k_max = min(max_components, limit)
-            while True:
-                fitted = PCA(n_components=k_max, svd_solver="randomized", random_state=seed).fit(Xs["train"])
-                if not _short(fitted.explained_variance_ratio_, pca) or k_max >= limit:
-                    break
-                k_max = min(2 * k_max, limit)
-            _truncate(fitted, _choose_k(fitted.explained_variance_ratio_, pca))
+            fitted = _fit_share(lambda k: PCA(n_components=k, svd_solver="randomized", random_state=seed).fit(
+                Xs["train"]), max_components, min(Xs["train"].shape), pca)
         else:
             n_comp = pca if isinstance(pca, float) and pca < 1 else min(int(pca), *Xs["train"].shape)
             fitted = PCA(n_components=n_comp, svd_solver="full", random_state=seed).fit(Xs["train"])

@@ -31,6 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+from lifelog_ray.local_cluster import kill_tree  # noqa: E402
+
 LAYERS = ["fc2", "predictions"]
 
 
@@ -48,9 +51,10 @@ def marked(model_dir: Path) -> dict[str, list[str]]:
     return out
 
 
-def reader_view(model_dir: Path) -> list[str]:
-    """What a plain reader sees: a problem per layer, or nothing. Whole units only: the marked units' rows,
-    plus at most one unmarked file (a kill between a unit's publication and its marker)."""
+def reader_view(model_dir: Path, max_unmarked: int = 4) -> list[str]:
+    """What a plain reader sees: a problem per layer, or nothing. Whole units only: the marked units' rows, plus
+    the files of units a kill caught between their publication and their marker (extract runs at most 2
+    publishing tasks per model actor, and at least 4, at once), each one unit of one day sharing no image."""
     import pandas as pd
 
     expected = sorted(i for ids in marked(model_dir).values() for i in ids)
@@ -59,9 +63,16 @@ def reader_view(model_dir: Path) -> list[str]:
     for layer in LAYERS:
         d = model_dir / layer
         unmarked = [f for f in d.rglob("*.parquet") if f.stem not in listed]
-        if len(unmarked) > 1:
+        if len(unmarked) > max_unmarked:
             problems.append(f"{layer}: {len(unmarked)} files of units never marked done")
-        extra = sorted(pd.read_parquet(unmarked[0], columns=["image_id"])["image_id"]) if unmarked else []
+        extra = []
+        for f in unmarked:
+            rows = pd.read_parquet(f, columns=["image_id", "day"])
+            if rows["day"].nunique() != 1:
+                problems.append(f"{layer}: unmarked file {f.name} holds rows of several days")
+            extra += rows["image_id"].tolist()
+        if len(set(extra)) != len(extra) or set(extra) & set(expected):
+            problems.append(f"{layer}: a row in two units")
         ids = sorted(pd.read_parquet(d, columns=["image_id"])["image_id"]) if any(d.rglob("*.parquet")) else []
         if ids != sorted(expected + extra):
             problems.append(f"{layer}: the reader sees {len(ids)} rows, the marked units hold {len(expected)}")
@@ -190,7 +201,7 @@ def soak(args: argparse.Namespace) -> dict:
                         if plan["what"] == "driver":
                             if waiter is not None:  # held while the dead run's leftovers are looked at below
                                 os.kill(waiter.pid, signal.SIGSTOP)
-                            os.killpg(proc.pid, signal.SIGKILL)
+                            kill_tree(proc.pid)  # the driver and its local Ray at once, as a machine goes away
                             killed = True
                         elif kill_actor():
                             stats["kills"]["actor"] += 1

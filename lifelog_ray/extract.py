@@ -10,6 +10,9 @@ Layout under STUDY/features/<model>/:
   _extract.json                      what the features are (model, weights, size, precision, layers)
 A run holds the lease STUDY/_leases/extract-<model>.json. On start it deletes what a dead run left: its
 staging and any published file no marker lists; then it skips done units and extracts only new images.
+A unit is published by a Ray task on the node whose writer wrote its last part (staged parts -> one file per
+layer, then the marker): the driver plans units, counts the writers' rows and starts those tasks; it never
+reads or writes feature bytes.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from .backbones import BackboneSpec, FeatureExtractor, actor_env, resolve_weight
 from .config import ExtractConfig, StudyConfig, write_resolved
 from .errors import LifelogError
 from .images import decoded_images, read_images
-from .lease import Lease, holding, stage_lease
+from .lease import Lease, check_token, holding, stage_lease
 from .placement import ActorPlan
 from .rejects import normalize_rejects, read_rejects, replace_stage_rejects
 
@@ -47,23 +50,31 @@ def month_of(day: str) -> str:
     return day[:7] if len(day) >= 7 and day[4] == "-" else "unknown"
 
 
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 class ShardWriter:
     """Writer stage: one staged Parquet part per (unit, layer) in the batch; returns a small summary per unit.
 
-    Parts go to this run's staging folder, outside the layer folders: the driver publishes a unit's rows
-    (one file per layer) once all of them are written, so readers of a layer never see part of a unit.
+    Parts go to this run's staging folder, outside the layer folders: a unit is published (one file per layer,
+    by `publish_unit` on this writer's node) once all of its rows are written, so readers of a layer never see
+    part of a unit.
     """
 
     def __init__(self, staging: Path, layers: list[str], dtype: str = "float32") -> None:
         self.staging = staging  # a Path, or a UPath (S3/GCS) that carries its filesystem options
         self.layers = layers
         self.dtype = np.dtype(dtype)  # extract.store_dtype
+        self.node = _node_id()  # where this unit's publishing task is sent (the parts are local to it)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         before = storage.retry_counts()
         units = np.asarray(batch["unit"])
         ok = np.asarray(batch["error"]) == ""
-        out: dict[str, list] = {"unit": [], "part": [], "n_ok": [], "rejects": []}
+        out: dict[str, list] = {"unit": [], "part": [], "n_ok": [], "rejects": [], "node": []}
         for unit in np.unique(units):
             sel = units == unit
             good = sel & ok
@@ -93,6 +104,7 @@ class ShardWriter:
             out["part"].append(part)
             out["n_ok"].append(len(ids))
             out["rejects"].append(json.dumps(rej))
+            out["node"].append(self.node)
         # this batch's object-store retries: its reads' (carried from the decode tasks) and these writes'
         carried = {f"retried_{k}": [int(np.asarray(batch[f"retried_{k}"]).sum())] + [0] * (len(out["unit"]) - 1)
                    for k in storage.RETRY_LAYERS if f"retried_{k}" in batch}
@@ -136,6 +148,7 @@ class UnitLedger:
         self.units_dir = model_dir / "_units"
 
     def markers(self) -> list[dict]:
+        storage.forget(self.units_dir)  # markers are written by Ray tasks and by other runs, not this process
         if not self.units_dir.exists():
             return []
         files = list(storage.files(self.units_dir, (".json",)))
@@ -151,6 +164,7 @@ class UnitLedger:
     def remove_orphans(self, layers: list[str]) -> int:
         """Delete what a dead run left behind: its staging, and published files that no marker lists (a run
         that died between publishing a unit and writing its marker). Only the lease holder calls this."""
+        storage.forget(self.model_dir)  # written by other processes: writers, publishing tasks, the dead run
         storage.rmtree(self.staging)
         listed = {p for m in self.markers() for p in m["parts"]}
         removed = 0
@@ -163,21 +177,26 @@ class UnitLedger:
 
     def publish(self, unit: str, day: str, parts: list[str], layers: list[str], staging: Path) -> list[str]:
         """A completed unit's staged parts become one file per layer, <layer>/<YYYY-MM>/<unit>.parquet, each
-        appearing whole (a rename or one PUT); returns the names the marker lists."""
+        appearing whole (a rename or one PUT); returns its image ids. Safe to run again after a crash part-way:
+        a layer whose file exists is done (it appeared whole) and only its leftover parts are deleted."""
         parts = list(dict.fromkeys(p for p in parts if p))
-        if not parts:
+        if not parts:  # every image of the unit was rejected
             return []
+        ids: list[str] = []
         for layer in layers:
             staged = [staging / layer / f"{p}.parquet" for p in parts]
             target = self.model_dir / layer / month_of(day) / f"{unit}.parquet"
-            if len(staged) == 1:
-                storage.move(staged[0], target)
-            else:
-                table = pa.concat_tables([storage.read_table(f) for f in staged])
-                storage.write_table_atomic(table.sort_by("image_id"), target)
-                for f in staged:
-                    storage.unlink(f)
-        return [unit]
+            if not target.exists():
+                if len(staged) == 1:
+                    storage.move(staged[0], target)
+                else:
+                    table = pa.concat_tables([storage.read_table(f) for f in staged])
+                    storage.write_table_atomic(table.sort_by("image_id"), target)
+            for f in staged:
+                storage.unlink(f)
+            if not ids:
+                ids = storage.read_table(target, ["image_id"]).column("image_id").to_pylist()
+        return ids
 
     def complete(self, unit: str, day: str, image_ids: list[str], parts: list[str], rejects: list[dict]) -> None:
         marker = {"unit": unit, "day": day, "image_ids": image_ids, "parts": sorted(parts),
@@ -187,6 +206,21 @@ class UnitLedger:
     def rejects(self) -> pd.DataFrame:
         rows = [dict(r) for m in self.markers() for r in m["rejects"]]
         return normalize_rejects(pd.DataFrame(rows))
+
+
+def publish_unit(model_dir: Path, unit: str, day: str, parts: list[str], layers: list[str], staging: Path,
+                 rejects: list[dict], lease_file: Path | None = None, token: str = "") -> dict[str, int]:
+    """Publish one complete unit (its files, then its marker) and return the object-store retries it took.
+    Runs as a Ray task on the node of the unit's writer; before the marker, the one write that makes the unit
+    visible to a rerun, it checks that the run still holds its lease."""
+    before = storage.retry_counts()
+    ledger = UnitLedger(model_dir)
+    ok = ledger.publish(unit, day, parts, layers, staging)
+    if lease_file is not None:
+        check_token(lease_file, token, f"extract {model_dir.name}")
+    ids = sorted([*ok, *(str(r["image_id"]) for r in rejects)])
+    ledger.complete(unit, day, ids, [unit] if ok else [], rejects)
+    return storage.retried_since(before)
 
 
 def plan_units(pending: pd.DataFrame, unit_size: int) -> pd.DataFrame:
@@ -330,19 +364,27 @@ def feature_dataset(cfg: StudyConfig, spec: BackboneSpec, rows: pd.DataFrame, st
 
 
 class UnitTracker:
-    """The ledger's side of a run: counts each unit's rows as its parts come back and, once every one of a
-    unit's images is in a part or a reject, publishes its parts and marks it complete (marker last)."""
+    """The driver's side of a run: counts each unit's rows as its writers report them and, once every one of a
+    unit's images is in a part or a reject, starts the task that publishes it (`publish_unit`, on the node
+    of the writer of its last part). Per unit, never per image; no feature byte passes through here."""
 
     def __init__(self, ledger: UnitLedger, pending: pd.DataFrame, model: str, layers: list[str],
-                 staging: Path, lease: Lease | None = None) -> None:
+                 staging: Path, lease: Lease | None = None, max_in_flight: int = 4) -> None:
         self.ledger, self.model, self.layers, self.staging, self.lease = ledger, model, layers, staging, lease
-        self.rows = {u: g for u, g in pending.groupby("unit")}
-        self.expected = {u: len(g) for u, g in self.rows.items()}
+        # Publishing tasks ask no CPU (a node busy decoding must not hold a finished unit back), so the driver
+        # bounds how many run at once: past this, it waits for one before reading the next batch.
+        self.max_in_flight = max(1, max_in_flight)
+        per_unit = pending.groupby("unit", sort=False).agg(n=("image_id", "size"), day=("day", "first"))
+        self.expected = per_unit["n"].to_dict()
+        self.day = per_unit["day"].astype(str).to_dict()
         self.seen: dict[str, int] = {}
         self.parts: dict[str, list[str]] = {}
         self.rejects: dict[str, list[dict]] = {}
         self.n_ok = self.n_bad = 0
         self.retried = dict.fromkeys(storage.RETRY_LAYERS, 0)
+        self.in_flight: list = []  # publishing tasks not yet collected
+        self._task = None
+        self.published = 0
 
     def record(self, batch: pd.DataFrame) -> None:
         got = {k: int(batch[f"retried_{k}"].sum()) for k in storage.RETRY_LAYERS if f"retried_{k}" in batch}
@@ -351,21 +393,63 @@ class UnitTracker:
                 self.retried[k] += v
             log.info("storage: %s reading and writing unit(s) %s", storage.describe_retries(got),
                      ", ".join(sorted(set(batch["unit"]))))
-        for row in batch.itertuples(index=False):
-            rej = json.loads(row.rejects)
-            self.seen[row.unit] = self.seen.get(row.unit, 0) + int(row.n_ok) + len(rej)
-            self.parts.setdefault(row.unit, []).append(row.part)
-            self.rejects.setdefault(row.unit, []).extend(rej)
-            self.n_ok += int(row.n_ok)
+        nodes = batch["node"] if "node" in batch else [""] * len(batch)
+        for unit, part, n_ok, rejects, node in zip(batch["unit"], batch["part"], batch["n_ok"], batch["rejects"],
+                                                   nodes):
+            rej = json.loads(rejects)
+            self.seen[unit] = self.seen.get(unit, 0) + int(n_ok) + len(rej)
+            self.parts.setdefault(unit, []).append(part)
+            self.rejects.setdefault(unit, []).extend(rej)
+            self.n_ok += int(n_ok)
             self.n_bad += len(rej)
-            if self.seen[row.unit] == self.expected[row.unit]:
-                if self.lease is not None:
-                    self.lease.check()  # judged dead and taken over: publish nothing more
-                g = self.rows[row.unit]
-                day = str(g["day"].iloc[0])
-                published = self.ledger.publish(row.unit, day, self.parts[row.unit], self.layers, self.staging)
-                self.ledger.complete(row.unit, day, g["image_id"].tolist(), published,
-                                     [{**r, "model": self.model} for r in self.rejects[row.unit]])
+            if self.seen[unit] == self.expected[unit]:
+                self._publish(unit, str(node))
+        self.collect(wait=False)
+
+    def _publish(self, unit: str, node: str) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if self.lease is not None:
+            self.lease.check()  # judged dead and taken over: publish nothing more
+        # On the writer's node (soft: anywhere if it is gone), no CPU asked: it moves files, and a node busy
+        # with decoding must not hold a finished unit back from readers.
+        if self._task is None:  # one remote function for the run: its code is exported to the cluster once
+            self._task = ray.remote(publish_unit)
+        where = NodeAffinitySchedulingStrategy(node, soft=True) if node else "DEFAULT"
+        task = self._task.options(num_cpus=0, max_retries=3, scheduling_strategy=where, name="publish_unit")
+        rejects = [{**r, "model": self.model} for r in self.rejects.pop(unit)]
+        self.in_flight.append(task.remote(
+            self.ledger.model_dir, unit, self.day[unit], self.parts.pop(unit), self.layers, self.staging, rejects,
+            self.lease.path if self.lease is not None else None, self.lease.token if self.lease is not None else ""))
+        if len(self.in_flight) >= self.max_in_flight:
+            self.collect(wait=True, at_least=len(self.in_flight) - self.max_in_flight + 1)
+
+    def collect(self, wait: bool = True, at_least: int | None = None) -> None:
+        """Count the publishing tasks that finished: with ``wait``, ``at_least`` of them (default all) once they
+        have; a failed one fails the run."""
+        import ray
+
+        if not self.in_flight:
+            return
+        want = len(self.in_flight) if at_least is None or not wait else min(at_least, len(self.in_flight))
+        done, self.in_flight = ray.wait(self.in_flight, num_returns=want, timeout=None if wait else 0)
+        if wait and want < len(done) + len(self.in_flight):  # and any others already finished
+            more, self.in_flight = ray.wait(self.in_flight, num_returns=len(self.in_flight), timeout=0)
+            done += more
+        for ref in done:
+            try:
+                retried = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                cause = getattr(e, "cause", None) or e
+                if isinstance(cause, LifelogError):  # the lease was taken: its own message
+                    raise LifelogError(str(cause)) from None
+                raise LifelogError(f"extract {self.model}: publishing a unit failed ({type(cause).__name__}: "
+                                   f"{str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}); "
+                                   f"rerun the same command to resume") from e
+            self.published += 1
+            for k, v in retried.items():
+                self.retried[k] += v
 
     def incomplete(self) -> list[str]:
         return [u for u, n in self.expected.items() if self.seen.get(u, 0) != n]
@@ -405,7 +489,8 @@ def _extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | Non
     check_decode(e.decode, signature.get("decode"), plan.device)  # before waiting for any node
     pending = plan_units(pending, e.unit_size)
     staging = ledger.staging / uuid.uuid4().hex[:12]  # this run's: a dead run's staging is never reused
-    tracker = UnitTracker(ledger, pending, model, list(spec.layers), staging, lease)
+    tracker = UnitTracker(ledger, pending, model, list(spec.layers), staging, lease,
+                          max_in_flight=2 * max(2, plan.max_actors))  # about one per writer, and one waiting
     rows = pending[["image_id", "path", "label", "split", "day", "unit"]].astype(str)
     driver_before = storage.retry_counts()
     watch = placement.ActorWatch("FeatureExtractor")
@@ -420,13 +505,15 @@ def _extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | Non
                                              + sum(len(json.loads(r)) for r in batch["rejects"]))
             tracker.record(batch)
             progress.report(f"extract {model}", tracker.n_ok + tracker.n_bad, len(pending), "images")
+        tracker.collect()  # every unit's publishing task, before the pool's resources are given back
     summary.processed, summary.rejected, summary.seconds = tracker.n_ok, tracker.n_bad, time.perf_counter() - t0
     if tracker.incomplete():
         raise LifelogError(f"extract {model}: {len(tracker.incomplete())} unit(s) incomplete; "
                            f"rerun the same command to resume")
+    storage.forget(model_dir)  # the writers' and publishing tasks' files, as they are now
     storage.rmtree(ledger.staging)  # parts of retried batches that no unit used
     summary.placement = where_phrase(plan, decode, watch)
-    mine = storage.retried_since(driver_before)  # the driver's own requests: markers, publishing, the lease
+    mine = storage.retried_since(driver_before)  # the driver's own requests: the ledger's listing, the lease
     summary.retried = {k: tracker.retried[k] + mine[k] for k in storage.RETRY_LAYERS}
     if sum(summary.retried.values()):
         log.info("storage: %s in this run (workers' reads and writes, and the driver's)",

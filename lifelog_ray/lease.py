@@ -324,6 +324,15 @@ def holding(leases: list[Lease]) -> Iterator[list[Lease]]:
             lease.release()
 
 
+def check_token(path: Path, token: str, stage: str) -> None:
+    """Raise unless the lease at ``path`` still carries ``token``: a worker that writes for a run reads it
+    before the write that makes its work visible, so a run judged dead and taken over publishes nothing more."""
+    now = _read(path)
+    if not now or now.get("token") != token:
+        raise LifelogError(f"{stage}: another run took this run's lease ({path}); stopping without writing more. "
+                           f"Raise storage.lease_timeout_s if this run was only slow")
+
+
 def check_free(cfg, names: list[tuple[str, str | None]]) -> None:
     """Fail now (before Ray starts) if a live run holds one of these leases; a no-op with --wait."""
     if cfg.storage.lease_wait:
@@ -353,4 +362,4 @@ def leased(stage: str):
     return deco
 
 
-__all__ = ["Lease", "LeaseHeld", "stage_lease", "holding", "check_free", "leased", "lease_path", "dead_reason"]
+__all__ = ["Lease", "LeaseHeld", "stage_lease", "holding", "check_free", "leased", "lease_path", "dead_reason", "check_token"]

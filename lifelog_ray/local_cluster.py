@@ -21,6 +21,7 @@ Token auth is on (`RAY_AUTH_MODE=token`, `~/.ray/auth_token`), as on the cloud c
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -96,6 +97,20 @@ def stop_ray_under(root: Path | str, gcs_address: str | None = None) -> int:
     pids = descendants(roots, table)
     kill_processes(pids)
     return len(pids)
+
+
+def kill_tree(pid: int) -> int:
+    """SIGKILL a process and every process below it at once: a machine going away. A local Ray's workers leave
+    their driver's process group, so killing the group alone lets them run on for a moment (and finish a task).
+    The tree is stopped first (SIGSTOP), so nothing in it starts a process while it is being killed. Returns how
+    many processes were killed."""
+    found: set[int] = set()
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        found |= descendants({pid} | found)
+        for p in sorted(found):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, sig)
+    return len(found)
 
 
 def kill_processes(pids: set[int], grace_s: float = 3.0) -> None:

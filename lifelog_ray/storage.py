@@ -221,6 +221,13 @@ def move(src: Path, dst: Path) -> Path:
     return dst
 
 
+def forget(p: Path) -> None:
+    """Drop this process's cached listings under ``p`` (object stores): what other processes wrote there since
+    (a Ray task's markers, another run's files) is then seen. A no-op on local disk."""
+    if is_remote(p):
+        p.fs.invalidate_cache(p.path)
+
+
 def files(root: Path, suffixes: tuple[str, ...] | None = None) -> Iterator[Path]:
     """Every file under ``root`` (recursive, sorted); one listing call on an object store."""
     if is_remote(root):

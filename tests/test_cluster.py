@@ -30,7 +30,7 @@ BIN = Path(sys.executable).parent
 BUCKET = "lifelog"
 # Our tasks and actors (Ray Data stages, Ray Train workers, Tune trials, the decode probe): none may run on the head.
 OURS = ("decode_batch", "read_batch", "FeatureExtractor", "ShardWriter", "PipelineClassifier", "FinetunedClassifier",
-        "PredictionWriter", "_keep_decoded", "probe", "RayTrainWorker", "ImplicitFunc", "_refit_remote", "_trial")
+        "PredictionWriter", "_keep_decoded", "probe", "RayTrainWorker", "ImplicitFunc", "_refit_remote", "_trial", "publish_unit")
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +291,8 @@ def test_a_bad_day_a_gpu_node_lost_mid_extract_behind_a_flaky_object_store(clust
     for layer, a in acc.items():  # every image exactly once: in the features or in the rejects
         assert a["features"] == a["unique"] and a["features"] + a["rejects"] == a["manifest"] == len(manifest), (
             layer, a)
-        assert_whole_units(storage.to_path(f"s3://{BUCKET}/{study}/features/vgg19", options), layer, options)
+        assert_whole_units(storage.to_path(f"s3://{BUCKET}/{study}/features/vgg19", options), layer, options,
+                           max_unmarked=0)  # the run finished: every published unit is marked
     # the rejects are the sample's broken files, for what they are, and nothing the store's faults caused
     rejects = read_rejects(storage.to_path(f"s3://{BUCKET}/{study}", options))
     rejects = rejects[rejects["stage"] != "ingest"]  # ingest's (unlabelled frames) are not extraction's

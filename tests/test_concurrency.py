@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from lifelog_ray.config import StudyConfig
 from lifelog_ray.extract import accounting, run_extract
 from lifelog_ray.ingest import build_manifest
 from lifelog_ray.lease import Lease, LeaseHeld, lease_path
+from lifelog_ray.local_cluster import kill_tree
 
 LAYERS2 = ["fc2", "predictions"]
 
@@ -250,7 +250,7 @@ def test_after_a_sigkill_on_s3_readers_see_only_complete_units_and_a_rerun_compl
     while time.time() < deadline and len(fs.ls(units, refresh=True) if fs.exists(units) else []) < 2:
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)  # the driver and its local Ray, every process at once (Ray's workers have groups of their own)
     proc.wait()
     model_dir = storage.to_path(uri, options) / "features" / "vgg19"
     fs.invalidate_cache()
@@ -299,3 +299,53 @@ def test_a_lease_whose_create_was_applied_but_unanswered_is_this_runs_own(tmp_pa
     with Lease(tmp_path, "extract", "vgg19") as held:
         assert json.loads(held.path.read_text())["token"] == held.token
     assert not held.path.exists()
+
+
+def test_a_unit_is_published_whole_once_and_only_under_the_runs_lease(tmp_path, monkeypatch):
+    """`publish_unit`, the Ray task that publishes a finished unit on its writer's node, as a plain function: two
+    staged parts become one file per layer, then the marker; a crash part-way and Ray's retry of the task publish
+    the unit once; a run whose lease another run took writes no marker (a rerun deletes its files)."""
+    from lifelog_ray.errors import LifelogError
+    from lifelog_ray.extract import publish_unit
+
+    model_dir = tmp_path / "features" / "vgg19"
+    staging = model_dir / "_staging" / "run1"
+    layers = ["fc2", "predictions"]
+
+    def stage(part: str, ids: list[str]) -> None:
+        for layer in layers:
+            storage.write_table_atomic(pa.table({"image_id": ids, "features": pa.FixedSizeListArray.from_arrays(
+                pa.array([1.0] * len(ids) * 2, pa.float32()), 2)}), staging / layer / f"{part}.parquet")
+
+    stage("u1_pa", ["b", "a"])
+    stage("u1_pb", ["c"])
+    reject = {"image_id": "x", "path": "d/x.jpg", "reason": "decode_error", "detail": "", "model": "vgg19"}
+    lease = Lease(tmp_path, "extract", "vgg19").acquire()
+    real = storage.unlink
+
+    def node_lost_part_way(p):  # fc2 published whole and its parts gone; predictions written, then the crash
+        if "predictions" in str(p):
+            raise OSError("node lost")
+        real(p)
+
+    args = (model_dir, "u1", "2016-08-15", ["u1_pa", "u1_pb"], layers, staging, [reject])
+    monkeypatch.setattr(storage, "unlink", node_lost_part_way)
+    with pytest.raises(OSError):
+        publish_unit(*args, lease.path, lease.token)
+    assert not (model_dir / "_units").exists()  # not marked: a rerun would delete what it published
+    monkeypatch.undo()
+    publish_unit(*args, lease.path, lease.token)  # Ray's retry of the task
+    marker = json.loads((model_dir / "_units" / "u1.json").read_text())
+    assert marker["image_ids"] == ["a", "b", "c", "x"] and marker["parts"] == ["u1"] and marker["rejects"] == [reject]
+    for layer in layers:
+        assert [f.name for f in (model_dir / layer).rglob("*.parquet")] == ["u1.parquet"]
+        assert pd.read_parquet(model_dir / layer)["image_id"].tolist() == ["a", "b", "c"]
+    assert not list(staging.rglob("*.parquet"))
+    # judged dead: another run holds the lease now; this run's late task writes no marker
+    stage("u2_pa", ["d"])
+    old = lease.token
+    lease.release()
+    with Lease(tmp_path, "extract", "vgg19"):
+        with pytest.raises(LifelogError, match="another run took this run's lease"):
+            publish_unit(model_dir, "u2", "2016-08-16", ["u2_pa"], layers, staging, [], lease.path, old)
+    assert not (model_dir / "_units" / "u2.json").exists()

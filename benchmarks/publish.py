@@ -1,0 +1,130 @@
+"""Publishing extracted units (issue 28): what the driver pays per unit, in the driver (as before) and now.
+
+    .venv/bin/python benchmarks/publish.py                    # 8 units of 512 images, VGG19's four taps at 224 px
+    .venv/bin/python benchmarks/publish.py --units 4 --parts 1
+
+Each unit is staged as the writers stage it (``--parts`` Parquet parts per layer, float32, the taps' real widths:
+flatten 25,088, fc1 4,096, fc2 4,096, predictions 1,000), then published two ways, on the same files:
+- `driver`: what extract's driver did until 2026-12-07, `UnitLedger.publish` and the marker in the driver's
+  loop, one unit after another (reading the parts back, concatenating, writing the unit's file);
+- `tasks`: what it does now, `UnitTracker.record` with the writers' summary rows: the driver counts and starts a
+  `publish_unit` Ray task per unit (on the writer's node), and collects them at the end.
+For each: the driver's CPU time per unit (its own cost: the images per second one driver core could pass at
+that cost), and the wall time until every unit is published. With tasks the driver keeps at most
+`max_in_flight` publishing tasks running (extract sets 2 per model actor, at least 4; here 4), so when publishing
+falls behind, the driver waits: that wait is back-pressure, not the driver's work, and is not in its CPU time.
+Writes benchmarks/results/publish.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lifelog_ray import storage  # noqa: E402
+from lifelog_ray.extract import UnitLedger, UnitTracker  # noqa: E402
+
+WIDTHS = {"flatten": 25_088, "fc1": 4_096, "fc2": 4_096, "predictions": 1_000}
+
+
+def stage_units(model_dir: Path, run: str, units: int, unit_size: int, parts: int, seed: int = 0) -> pd.DataFrame:
+    """Staged parts as ShardWriter writes them; returns the writers' summary rows (one per part)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(units):
+        unit, ids = f"2016-08-{15 + u:02d}_u{u:04d}", [f"img{u:04d}_{i:04d}" for i in range(unit_size)]
+        for k, chunk in enumerate(np.array_split(np.array(ids), parts)):
+            part = f"{unit}_p{k}"
+            for layer, width in WIDTHS.items():
+                feats = rng.random((len(chunk), width), dtype=np.float32)
+                table = pa.table({"image_id": pa.array(chunk.tolist()), "label": ["walking"] * len(chunk),
+                                  "split": ["train"] * len(chunk), "day": [unit[:10]] * len(chunk),
+                                  "features": pa.FixedSizeListArray.from_arrays(feats.reshape(-1), width)})
+                storage.write_table_atomic(table, model_dir / "_staging" / run / layer / f"{part}.parquet")
+            rows.append({"unit": unit, "part": part, "n_ok": len(chunk), "rejects": "[]", "day": unit[:10],
+                         "ids": chunk.tolist()})
+    return pd.DataFrame(rows)
+
+
+def pending_of(rows: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame([{"image_id": i, "unit": r.unit, "day": r.day} for r in rows.itertuples() for i in r.ids])
+
+
+def in_driver(model_dir: Path, rows: pd.DataFrame) -> dict:
+    ledger, staging = UnitLedger(model_dir), model_dir / "_staging" / "driver"
+    w0, c0 = time.perf_counter(), time.process_time()
+    for unit, g in rows.groupby("unit", sort=False):
+        published = ledger.publish(unit, g["day"].iloc[0], g["part"].tolist(), list(WIDTHS), staging)
+        ledger.complete(unit, g["day"].iloc[0], sorted(published), [unit], [])
+    wall = time.perf_counter() - w0
+    return {"driver_cpu_s": time.process_time() - c0, "until_published_s": wall}
+
+
+def in_tasks(model_dir: Path, rows: pd.DataFrame) -> dict:
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    tracker = UnitTracker(UnitLedger(model_dir), pending_of(rows), "vgg19", list(WIDTHS),
+                          model_dir / "_staging" / "tasks")
+    batches = [b.assign(node=node)[["unit", "part", "n_ok", "rejects", "node"]] for _, b in rows.groupby("unit")]
+    w0, c0 = time.perf_counter(), time.process_time()
+    for b in batches:  # what the streaming loop hands the tracker: the writers' rows, one per part
+        tracker.record(b)
+    tracker.collect()
+    return {"driver_cpu_s": time.process_time() - c0, "until_published_s": time.perf_counter() - w0,
+            "units_published": tracker.published}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--units", type=int, default=8)
+    ap.add_argument("--unit-size", type=int, default=512)
+    ap.add_argument("--parts", type=int, default=2, help="staged parts per unit and layer (batch 32, unit 512: most have 2+)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "publish.json")
+    args = ap.parse_args()
+    import ray
+
+    from lifelog_ray.config import RayConfig
+    from lifelog_ray.runtime import ensure_ray
+
+    ensure_ray(RayConfig(address="local", num_cpus=2, progress_bars=False, log_to_driver=False))
+    tmp = Path(tempfile.mkdtemp(prefix="llr-publish-"))
+    try:
+        images = args.units * args.unit_size
+        result: dict = {"units": args.units, "unit_size": args.unit_size, "parts": args.parts, "taps": WIDTHS}
+        for how, fn in (("driver", in_driver), ("tasks", in_tasks)):
+            model_dir = tmp / how / "features" / "vgg19"
+            rows = stage_units(model_dir, how, args.units, args.unit_size, args.parts)
+            mb = sum(f.stat().st_size for f in (model_dir / "_staging").rglob("*.parquet")) / 1e6
+            r = fn(model_dir, rows)
+            markers = len(list((model_dir / "_units").glob("*.json")))
+            assert markers == args.units, (how, markers)
+            r |= {"staged_mb": round(mb, 1), "driver_cpu_ms_per_unit": 1000 * r["driver_cpu_s"] / args.units,
+                  "driver_images_per_cpu_s": images / max(r["driver_cpu_s"], 1e-9)}
+            result[how] = r
+            print(f"{how:>6}: driver CPU {r['driver_cpu_s']:.3f}s for {args.units} units ({mb:.0f} MB staged): "
+                  f"{r['driver_cpu_ms_per_unit']:.1f} ms a unit, {r['driver_images_per_cpu_s']:,.0f} images per "
+                  f"driver CPU second; every unit published after {r['until_published_s']:.2f}s")
+        result["driver_cpu_ratio"] = result["driver"]["driver_cpu_s"] / max(result["tasks"]["driver_cpu_s"], 1e-9)
+        print(f"the driver's CPU per unit: {result['driver_cpu_ratio']:.0f}x less with tasks")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,7 @@ import os
 import posixpath
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -85,24 +86,73 @@ def _is_missing(v: object) -> bool:
 
 def scan_images(root: Path, extensions: tuple[str, ...]) -> list[str]:
     """Image paths under root, relative to it (one recursive listing, also on S3/GCS)."""
-    exts = tuple(e.lower() for e in extensions)
-    return sorted(storage.relative(f, root) for f in storage.files(root, exts))
+    return list_root(root).images(extensions)
 
 
-def read_candidates(data: DataConfig, options: Options | None = None) -> pd.DataFrame:
-    """One row per input row: `row`, `rel_path` (as given), `raw_label`, optional `image_id`."""
+@dataclass
+class RootListing:
+    """The dataset root, listed once: every file (relative POSIX paths) and, on local disk, the entries that are
+    symbolic links (files or folders), whose targets only a per-path resolve can place inside or outside the root."""
+
+    files: set[str]
+    links: set[str]
+
+    def images(self, extensions: tuple[str, ...]) -> list[str]:
+        exts = tuple(e.lower() for e in extensions)
+        return sorted(f for f in self.files if os.path.splitext(f)[1].lower() in exts)
+
+
+def list_root(root: Path) -> RootListing:
+    """One listing of the root: one `find` on an object store (its listing cache released afterwards: at a
+    million keys it holds about a gigabyte), one `os.scandir` walk locally (symlinked folders not entered, as
+    `os.walk` does)."""
+    if storage.is_remote(root):
+        if not root.exists():
+            return RootListing(set(), set())
+        base = root.path.rstrip("/")
+        keys = root.fs.find(base)
+        storage.forget(root)
+        return RootListing({k[len(base) + 1:] for k in keys}, set())
+    files: set[str] = set()
+    links: set[str] = set()
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            it = os.scandir(os.path.join(root, rel) if rel else root)
+        except OSError:  # unreadable folder: os.walk skips it too
+            continue
+        with it:
+            for e in it:
+                r = f"{rel}/{e.name}" if rel else e.name
+                if e.is_symlink():
+                    links.add(r)
+                if e.is_dir():  # follows a link, as os.walk's classification does ...
+                    if not e.is_symlink():  # ... but does not enter it
+                        stack.append(r)
+                else:
+                    files.add(r)
+    return RootListing(files, links)
+
+
+def read_candidates(data: DataConfig, options: Options | None = None, listing: RootListing | None = None
+                    ) -> pd.DataFrame:
+    """One row per input row: `row`, `rel_path` (as given), `raw_label`, optional `image_id`. ``listing``: the
+    root's, when the caller has it (build_manifest lists the root once for all it does)."""
     if not data.root:
         raise IngestError("data.root: no dataset root given (use --root DIR)")
     root = to_path(data.root, options)
     if not root.is_dir():
         raise IngestError(f"{root}: dataset root is not a directory (or not readable with these credentials)")
+    if listing is None and data.layout in ("folder", "lsc"):
+        listing = list_root(root)
     enc = data.encoding
 
     def _read_csv(path: str, encoding: str, required: list[str]) -> pd.DataFrame:
         return _read_csv_at(path, encoding, required, options)
 
     if data.layout == "folder":
-        rels = scan_images(root, data.extensions)
+        rels = listing.images(data.extensions)
         rows = [(r, r.split("/")[0]) for r in rels if "/" in r]
         return pd.DataFrame(
             {"row": range(len(rows)), "rel_path": [shown_name(r) for r, _ in rows],
@@ -122,8 +172,8 @@ def read_candidates(data: DataConfig, options: Options | None = None) -> pd.Data
         )
         if data.layout == "lsc":
             # Images on disk that no CSV row names are unlabeled: report them rather than drop them silently.
-            listed = {os.path.normpath(p) for p in out["rel_path"]}
-            extra = [r for r in scan_images(root, data.extensions) if os.path.normpath(r) not in listed]
+            listed = set(_normalised(out["rel_path"]))
+            extra = [r for r in listing.images(data.extensions) if r not in listed]
             if extra:
                 out = pd.concat(
                     [out, pd.DataFrame({"row": pd.NA, "rel_path": [shown_name(r) for r in extra], "raw_label": None,
@@ -191,6 +241,31 @@ def timestamp_from_exif(path: Path) -> datetime | None:
         return datetime.strptime(str(value).strip("\x00 "), "%Y:%m:%d %H:%M:%S")
     except ValueError:
         return None
+
+
+EXIF_TASK_SIZE = 1000  # frames per Ray task when more than this many names carry no time
+
+
+def _exif_chunk(paths: list[str], options: Options | None) -> list[datetime | None]:
+    return [timestamp_from_exif(to_path(p, options)) for p in paths]
+
+
+def exif_times(paths: list[str], cfg: StudyConfig) -> list[datetime | None]:
+    """The EXIF time of each file (None where it has none): read here for a few files, else in Ray tasks of
+    EXIF_TASK_SIZE files each (a folder of phone photos holds millions of frames whose names carry no time,
+    and each read is a file open, on an object store a request)."""
+    options = cfg.storage.options
+    if len(paths) <= EXIF_TASK_SIZE:
+        return _exif_chunk(paths, options)
+    import ray
+
+    from .runtime import ensure_ray
+
+    ensure_ray(cfg.ray)
+    task = ray.remote(num_cpus=1, max_retries=3)(_exif_chunk)
+    chunks = [paths[i: i + EXIF_TASK_SIZE] for i in range(0, len(paths), EXIF_TASK_SIZE)]
+    log.info("manifest: reading the EXIF time of %d frame(s) in %d Ray task(s)", len(paths), len(chunks))
+    return [t for part in ray.get([task.remote(c, options) for c in chunks]) for t in part]
 
 
 def day_of(ts: datetime | None, rel_path: str) -> str:
@@ -331,6 +406,44 @@ def derive_image_id(rel: str, layout: str) -> str:
     return p.with_suffix("").as_posix().replace("/", "__")
 
 
+def derive_image_ids(rels: pd.Series, layout: str) -> pd.Series:
+    """derive_image_id over a column: string operations on the whole column, derive_image_id itself only for
+    the rare path it would read differently (`.`/`..` parts, `//`, an NTCIR-13 user folder)."""
+    rels = rels.astype(object)
+    odd = rels.str.contains(_NEEDS_NORM, regex=True)
+    if layout == "lsc":
+        odd |= rels.str.contains(r"(?:^|/)u\d+/", regex=True)
+    stem = rels.str.replace(r"(?<=[^/])\.[^./]+$", "", regex=True)  # pathlib's with_suffix("")
+    out = stem.str.replace("/", "__", regex=False)
+    if layout == "lsc":
+        name = stem.str.rsplit("/", n=1).str[-1]
+        timed = rels.str.rsplit("/", n=1).str[-1].str.contains(r"(?<!\d)\d{8}_\d{6}(?!\d)", regex=True)
+        out = out.where(~timed, name)
+    if odd.any():
+        out[odd] = [derive_image_id(r, layout) for r in rels[odd]]
+    return out
+
+
+def timestamps_from_names(rels: pd.Series) -> pd.Series:
+    """timestamp_from_name over a column (NaT where a name carries no valid time)."""
+    names = rels.astype(object).str.rsplit("/", n=1).str[-1]
+    m = names.str.extract(_TIME_IN_NAME.pattern)
+    return pd.to_datetime(m[0] + m[1], format="%Y%m%d%H%M%S", errors="coerce")
+
+
+def _as_posix(rels: pd.Series) -> pd.Series:
+    """Path(rel).as_posix() over a column, pathlib called only where it can change a path."""
+    rels = rels.astype(object)
+    odd = rels.str.contains(_NEEDS_NORM, regex=True)
+    if odd.any():
+        rels = rels.copy()
+        rels[odd] = [Path(r).as_posix() for r in rels[odd]]
+    return rels
+
+
+_BEFORE_ID = {"name_not_utf8", "missing_path", "path_outside_root", "missing_file", "unsupported_extension"}
+
+
 NOT_UTF8 = "name_not_utf8"  # a candidate column: the file's name on disk is not valid UTF-8 (shown escaped)
 
 
@@ -344,6 +457,53 @@ def shown_name(name: object) -> object:
         return name
     except UnicodeEncodeError:
         return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+_NEEDS_NORM = r"(?:^|/)\.{1,2}(?:/|$)|//|/$|\\"  # what os.path.normpath or pathlib could change in a path
+
+
+def _normalised(rels: pd.Series) -> pd.Series:
+    """os.path.normpath of each path, computed only on the few that it can change."""
+    rels = rels.astype(object)
+    odd = rels.str.contains(_NEEDS_NORM, regex=True, na=False)
+    if odd.any():
+        rels = rels.copy()
+        rels[odd] = [os.path.normpath(r) for r in rels[odd]]
+    return rels
+
+
+def resolve_paths(root: Path, rels: pd.Series, allow_outside: bool, listing: RootListing
+                  ) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """Each input path -> (full path, reject reason, detail), against one listing of the root. A plain relative
+    path is looked up in the listing; a path with `.`/`..` parts, an absolute one or one under a symbolic link
+    is resolved as the filesystem resolves it (`_resolve`), so a link that leaves the root is still caught."""
+    n = len(rels)
+    full = pd.Series([None] * n, index=rels.index, dtype=object)
+    reason, detail = full.copy(), full.copy()
+    missing = rels.map(_is_missing).astype(bool)
+    reason[missing], detail[missing] = "missing_path", "empty path in the labels file"
+    text = rels[~missing].astype(str).astype(object)  # object: a name that is not UTF-8 stays as it is
+    remote = storage.is_remote(root)
+    slow = text.str.contains(_NEEDS_NORM, regex=True) | text.str.startswith("/")
+    if remote:
+        slow |= text.map(storage.is_uri).astype(bool)
+    elif listing.links:
+        def under_link(rel: str) -> bool:
+            parts = rel.split("/")
+            return any("/".join(parts[: i + 1]) in listing.links for i in range(len(parts)))
+        slow |= text.map(under_link).astype(bool)
+    for i, rel in text[slow].items():
+        f, r, d = (_resolve_remote(root, rel, allow_outside, listing.files) if remote
+                   else _resolve(root, rel, allow_outside))
+        full[i], reason[i], detail[i] = (str(f) if f is not None else None), r, d
+    plain = text[~slow]
+    found = plain.isin(listing.files)
+    base = str(root).rstrip("/") if remote else str(root.resolve())
+    full[found[found].index] = base + "/" + plain[found]
+    lost = found[~found].index
+    reason[lost] = "missing_file"
+    detail[lost] = [f"{r!r} does not exist" for r in plain[~found]]
+    return full, reason, detail
 
 
 def _resolve(root: Path, rel: str, allow_outside: bool, listing: set[str] | None = None
@@ -386,68 +546,79 @@ def _resolve_remote(root: Path, rel: str, allow_outside: bool, listing: set[str]
 
 @leased("manifest")
 def build_manifest(cfg: StudyConfig) -> IngestResult:
+    """Input rows -> manifest + rejects, in column operations over the whole table (a lifelog has millions of
+    rows): the root listed once, paths looked up in that listing, labels merged once per distinct label."""
     data = cfg.data
     study = cfg.study_dir
     taxonomy = Taxonomy.load(data.taxonomy)
     options = cfg.storage.options
-    cands = read_candidates(data, options)
+    if not data.root:
+        raise IngestError("data.root: no dataset root given (use --root DIR)")
+    root = to_path(data.root, options)
+    if not root.is_dir():
+        raise IngestError(f"{root}: dataset root is not a directory (or not readable with these credentials)")
+    listing = list_root(root)
+    cands = read_candidates(data, options, listing).reset_index(drop=True)
     if len(cands) == 0:
         raise IngestError(f"{data.labels or data.root}: the dataset is empty (no input rows)")
-    root = to_path(data.root, options)
-    # One listing of an object store instead of a request per image.
-    listing = {storage.relative(f, root) for f in storage.files(root)} if storage.is_remote(root) else None
-    rejects: list[dict] = []
+    rel = cands["rel_path"].astype(object)
+    reason = pd.Series([None] * len(cands), dtype=object)
+    detail = reason.copy()
+    image_id = reason.copy()
 
-    def reject(r: pd.Series, reason: str, detail: str, image_id: str | None = None) -> None:
-        rejects.append(
-            {"image_id": image_id, "path": shown_name(r["rel_path"]), "row": r["row"], "reason": reason,
-             "detail": detail}
-        )
+    def reject(mask: pd.Series, why: str, text: str | Callable[[object], str], of: pd.Series | None = None) -> None:
+        """Rows of ``mask`` not rejected yet get this reason (a row's first reason is its reason)."""
+        mask = mask & reason.isna()
+        if mask.any():
+            reason[mask] = why
+            detail[mask] = text if isinstance(text, str) else [text(v) for v in of[mask]]
 
-    rows: list[dict] = []
-    seen_paths: dict[Path, object] = {}
-    seen_ids: dict[str, object] = {}
+    if NOT_UTF8 in cands:  # listed on disk under a name that is not valid UTF-8
+        reject(cands[NOT_UTF8].fillna(False).astype(bool), "name_not_utf8",
+               "the file name is not valid UTF-8 (shown escaped); rename it to read it")
+    todo = reason.isna()
+    full = pd.Series([None] * len(cands), dtype=object)
+    f, r, d = resolve_paths(root, rel[todo], data.allow_outside_root, listing)
+    full[todo], reason[todo], detail[todo] = f.to_numpy(), r.to_numpy(), d.to_numpy()
     exts = {e.lower() for e in data.extensions}
-    for _, r in cands.iterrows():
-        rel = r["rel_path"]
-        if r.get(NOT_UTF8) in (True,):  # listed on disk under a name that is not valid UTF-8
-            reject(r, "name_not_utf8", "the file name is not valid UTF-8 (shown escaped); rename it to read it")
-            continue
-        full, reason, detail = _resolve(root, rel, data.allow_outside_root, listing)
-        if reason:
-            reject(r, reason, detail)
-            continue
-        if full.suffix.lower() not in exts:
-            reject(r, "unsupported_extension", f"{full.suffix!r} is not one of {sorted(exts)}")
-            continue
-        image_id = r.get("image_id") if "image_id" in r and not _is_missing(r.get("image_id")) else None
-        image_id = image_id or derive_image_id(rel, data.layout)
-        if _is_missing(r["raw_label"]):
-            reject(r, "unlabeled", "no label for this image", image_id)
-            continue
-        label = taxonomy.merge(r["raw_label"]) if taxonomy else str(r["raw_label"]).strip()
-        if label is None:
-            reject(r, "label_not_in_taxonomy", f"raw label {r['raw_label']!r} not in {taxonomy.source}", image_id)
-            continue
-        if full in seen_paths:
-            reject(r, "duplicate", f"same file as input row {seen_paths[full]}", image_id)
-            continue
-        if image_id in seen_ids:
-            reject(r, "duplicate", f"image id {image_id!r} already used by input row {seen_ids[image_id]}", image_id)
-            continue
-        seen_paths[full] = r["row"]
-        seen_ids[image_id] = r["row"]
-        rows.append(
-            {
-                "row": r["row"],
-                "image_id": image_id,
-                "path": str(full),
-                "rel_path": Path(rel).as_posix(),
-                "raw_label": str(r["raw_label"]).strip(),
-                "label": label,
-            }
-        )
-    df = pd.DataFrame(rows, columns=["row", "image_id", "path", "rel_path", "raw_label", "label"])
+    suffix = full.map(lambda x: os.path.splitext(x)[1] if isinstance(x, str) else "")
+    bad_ext = reason.isna() & ~suffix.str.lower().isin(exts)
+    reject(bad_ext, "unsupported_extension", lambda x: f"{x!r} is not one of {sorted(exts)}", suffix)
+    # image ids: given (NTCIR-14's image_id column), else derived from the path
+    given = cands["image_id"].astype(object) if "image_id" in cands else pd.Series([None] * len(cands), dtype=object)
+    has_id = ~given.map(_is_missing).astype(bool)
+    image_id[has_id] = given[has_id].to_numpy()
+    need = ~has_id & reason.isna()
+    image_id[need] = derive_image_ids(rel[need], data.layout).to_numpy()
+    unlabeled = cands["raw_label"].map(_is_missing).astype(bool)
+    reject(unlabeled, "unlabeled", "no label for this image")
+    raw = cands["raw_label"].astype(object).where(~unlabeled, None)
+    distinct = raw[reason.isna()].dropna().unique()
+    merged = {v: (taxonomy.merge(v) if taxonomy else str(v).strip()) for v in distinct}
+    label = raw.map(merged)
+    src = taxonomy.source if taxonomy else ""
+    reject(label.isna(), "label_not_in_taxonomy", lambda v: f"raw label {v!r} not in {src}", raw)
+    # duplicates, the first row kept: only rows whose path or id recurs can meet one, so only they are walked
+    alive = reason.isna()
+    maybe = alive & (full.where(alive).duplicated(keep=False) & alive
+                     | image_id.where(alive).duplicated(keep=False) & alive)
+    seen_paths: dict[str, object] = {}
+    seen_ids: dict[str, object] = {}
+    for i in maybe[maybe].index:
+        if full[i] in seen_paths:
+            reason[i], detail[i] = "duplicate", f"same file as input row {seen_paths[full[i]]}"
+        elif image_id[i] in seen_ids:
+            reason[i], detail[i] = "duplicate", f"image id {image_id[i]!r} already used by input row {seen_ids[image_id[i]]}"
+        else:
+            seen_paths[full[i]], seen_ids[image_id[i]] = cands.at[i, "row"], cands.at[i, "row"]
+    kept = reason.isna()
+    bad = ~kept
+    rejects = pd.DataFrame({"image_id": image_id[bad].where(~reason[bad].isin(_BEFORE_ID), None),
+                            "path": rel[bad].map(shown_name), "row": cands["row"][bad], "reason": reason[bad],
+                            "detail": detail[bad]})
+    df = pd.DataFrame({"row": cands["row"][kept], "image_id": image_id[kept], "path": full[kept],
+                       "rel_path": _as_posix(rel[kept]), "raw_label": raw[kept].astype(str).str.strip(),
+                       "label": label[kept]}).reset_index(drop=True)
 
     # Top-k categories by count (ties broken by name for determinism), then drop categories too small to split.
     counts = df["label"].value_counts()
@@ -455,16 +626,16 @@ def build_manifest(cfg: StudyConfig) -> IngestResult:
     keep = {k for k, _ in ranked[: data.top_k]} if data.top_k else set(counts.index)
     min_n = sum(1 for f in data.split if f > 0)
     too_small = {k for k in keep if counts[k] < min_n}
-    for _, r in df[~df["label"].isin(keep)].iterrows():
-        reject(r, "not_in_top_k", f"category {r['label']!r} is not among the top {data.top_k}", r["image_id"])
-    for _, r in df[df["label"].isin(too_small)].iterrows():
-        reject(
-            r, "category_too_small",
-            f"category {r['label']!r} has {counts[r['label']]} image(s); the split needs at least {min_n}",
-            r["image_id"],
-        )
+    out_k = df[~df["label"].isin(keep)]
+    small = df[df["label"].isin(too_small)]
+    rejects = pd.concat([rejects, pd.DataFrame({
+        "image_id": out_k["image_id"], "path": out_k["rel_path"], "row": out_k["row"], "reason": "not_in_top_k",
+        "detail": [f"category {x!r} is not among the top {data.top_k}" for x in out_k["label"]]}), pd.DataFrame({
+        "image_id": small["image_id"], "path": small["rel_path"], "row": small["row"], "reason": "category_too_small",
+        "detail": [f"category {x!r} has {counts[x]} image(s); the split needs at least {min_n}"
+                   for x in small["label"]]})], ignore_index=True)
     df = df[df["label"].isin(keep - too_small)].reset_index(drop=True)
-    rej = normalize_rejects(pd.DataFrame(rejects))
+    rej = normalize_rejects(rejects.reset_index(drop=True))
     rej["stage"] = "ingest"
     if df.empty:
         study.mkdir(parents=True, exist_ok=True)
@@ -474,10 +645,17 @@ def build_manifest(cfg: StudyConfig) -> IngestResult:
             f"check data.layout, the label column and the taxonomy"
         )
 
-    # Timestamps: from the file name (LSC / NTCIR), else EXIF DateTimeOriginal, else none.
-    ts = [timestamp_from_name(p) or timestamp_from_exif(cfg.path(full)) for p, full in zip(df["rel_path"], df["path"])]
-    df["timestamp"] = pd.to_datetime(pd.Series(ts, dtype=object), errors="coerce")
-    df["day"] = [day_of(t, p) for t, p in zip(ts, df["rel_path"])]
+    # Timestamps: from the file name (LSC / NTCIR), else EXIF DateTimeOriginal (read only where a name has
+    # none), else none.
+    ts = timestamps_from_names(df["rel_path"])
+    no_time = ts.isna()
+    if no_time.any():
+        exif = exif_times(df.loc[no_time, "path"].tolist(), cfg)
+        ts[no_time] = pd.to_datetime(pd.Series(exif, index=ts[no_time].index, dtype=object), errors="coerce")
+    df["timestamp"] = ts
+    df["day"] = ts.dt.strftime("%Y-%m-%d").astype(object)
+    undated = df["day"].isna()
+    df.loc[undated, "day"] = [day_of(None, p) for p in df.loc[undated, "rel_path"]]
 
     # A grown lifelog keeps every earlier image in its split, so features, models and scores stay valid.
     # So does every earlier day in its day split (split_day: all of a day's images in one split).

@@ -112,15 +112,19 @@ def test_every_ingest_reject_reason(tmp_path):
     rows = make_lsc(root, {"walking": 6, "car": 6, "writing": 1, "gardening": 2})
     outside = write_image(tmp_path / "outside.jpg")
     os.symlink(outside, root / "2016-08-15" / "link_out.jpg")
+    write_image(tmp_path / "elsewhere" / "20160815_200000_000.jpg")
+    os.symlink(tmp_path / "elsewhere", root / "elsewhere")  # a folder link out of the root
     (root / "notes.txt").write_text("x")
     rows += [
         ("../outside.jpg", "walking"),  # escapes the root
         (str(outside), "walking"),  # absolute path
         ("2016-08-15/link_out.jpg", "walking"),  # symlink out of the root
+        ("elsewhere/20160815_200000_000.jpg", "walking"),  # under a folder link out of the root
         ("2016-08-15/nope_000.jpg", "walking"),  # missing file
         ("notes.txt", "walking"),  # not an image file type
         (rows[0][0], ""),  # unlabeled (and a duplicate path, but unlabeled is reported first)
         (rows[1][0], "walking"),  # duplicate
+        ("./" + rows[3][0].replace("/", "//"), "walking"),  # the same file spelled otherwise: a duplicate
         (rows[2][0], "staring at the wall"),  # not in the taxonomy
     ]
     labels = write_labels(tmp_path / "labels.csv", rows)
@@ -128,11 +132,13 @@ def test_every_ingest_reject_reason(tmp_path):
     res = build_manifest(cfg_for(tmp_path / "s", root=str(root), labels=str(labels), top_k=3))
     check_accounting(res)
     reasons = res.rejects["reason"].value_counts().to_dict()
-    assert reasons["path_outside_root"] == 3
+    assert reasons["path_outside_root"] == 4
     assert reasons["missing_file"] == 1
     assert reasons["unsupported_extension"] == 1
     assert reasons["unlabeled"] == 2
-    assert reasons["duplicate"] == 1  # rows[1] again (rows[2] again is caught by its label first)
+    assert reasons["duplicate"] == 2  # rows[1] and rows[3] again (rows[2] again is caught by its label first)
+    spelled = res.rejects[res.rejects["path"].str.startswith("./")]
+    assert spelled["detail"].tolist() == ["same file as input row 3"], spelled
     assert reasons["label_not_in_taxonomy"] == 1
     assert reasons["not_in_top_k"] == 1  # gardening is the 3rd largest; writing (1 image) is 4th
     assert reasons["category_too_small"] == 2  # gardening: 2 images cannot fill 3 splits
@@ -166,6 +172,19 @@ def test_csv_layout_with_path_column(tmp_path):
 
 
 def test_folder_layout_reads_exif_time(tmp_path):
+    check_exif_folder(tmp_path)
+
+
+def test_many_exif_reads_run_as_ray_tasks(tmp_path, ray_local, monkeypatch, caplog):
+    import lifelog_ray.ingest as ingest
+
+    monkeypatch.setattr(ingest, "EXIF_TASK_SIZE", 3)  # 8 frames without a time in their names: 3 tasks
+    with caplog.at_level("INFO", logger="lifelog_ray.ingest"):
+        check_exif_folder(tmp_path)
+    assert "EXIF time of 8 frame(s) in 3 Ray task(s)" in caplog.text
+
+
+def check_exif_folder(tmp_path):
     from PIL import Image
 
     root = tmp_path / "tree"

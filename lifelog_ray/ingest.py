@@ -135,15 +135,21 @@ def list_root(root: Path) -> RootListing:
     return RootListing(files, links)
 
 
-def read_candidates(data: DataConfig, options: Options | None = None, listing: RootListing | None = None
-                    ) -> pd.DataFrame:
-    """One row per input row: `row`, `rel_path` (as given), `raw_label`, optional `image_id`. ``listing``: the
-    root's, when the caller has it (build_manifest lists the root once for all it does)."""
+def dataset_root(data: DataConfig, options: Options | None = None) -> Path:
+    """``data.root`` as a path with the storage options, or a one-line error if it is not a readable folder."""
     if not data.root:
         raise IngestError("data.root: no dataset root given (use --root DIR)")
     root = to_path(data.root, options)
     if not root.is_dir():
         raise IngestError(f"{root}: dataset root is not a directory (or not readable with these credentials)")
+    return root
+
+
+def read_candidates(data: DataConfig, options: Options | None = None, listing: RootListing | None = None
+                    ) -> pd.DataFrame:
+    """One row per input row: `row`, `rel_path` (as given), `raw_label`, optional `image_id`. ``listing``: the
+    root's, when the caller has it (build_manifest lists the root once for all it does)."""
+    root = dataset_root(data, options)
     if listing is None and data.layout in ("folder", "lsc"):
         listing = list_root(root)
     enc = data.encoding
@@ -552,11 +558,7 @@ def build_manifest(cfg: StudyConfig) -> IngestResult:
     study = cfg.study_dir
     taxonomy = Taxonomy.load(data.taxonomy)
     options = cfg.storage.options
-    if not data.root:
-        raise IngestError("data.root: no dataset root given (use --root DIR)")
-    root = to_path(data.root, options)
-    if not root.is_dir():
-        raise IngestError(f"{root}: dataset root is not a directory (or not readable with these credentials)")
+    root = dataset_root(data, options)
     listing = list_root(root)
     cands = read_candidates(data, options, listing).reset_index(drop=True)
     if len(cands) == 0:
@@ -600,8 +602,7 @@ def build_manifest(cfg: StudyConfig) -> IngestResult:
     reject(label.isna(), "label_not_in_taxonomy", lambda v: f"raw label {v!r} not in {src}", raw)
     # duplicates, the first row kept: only rows whose path or id recurs can meet one, so only they are walked
     alive = reason.isna()
-    maybe = alive & (full.where(alive).duplicated(keep=False) & alive
-                     | image_id.where(alive).duplicated(keep=False) & alive)
+    maybe = alive & (full.where(alive).duplicated(keep=False) | image_id.where(alive).duplicated(keep=False))
     seen_paths: dict[str, object] = {}
     seen_ids: dict[str, object] = {}
     for i in maybe[maybe].index:

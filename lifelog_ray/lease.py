@@ -278,8 +278,7 @@ class Lease:
     def check(self) -> None:
         """Raise when another run has taken this lease (this run was judged dead): stop writing."""
         if self.lost:
-            raise LifelogError(f"{self.stage}: another run took this run's lease ({self.path}); stopping "
-                               f"without writing more. Raise storage.lease_timeout_s if this run was only slow")
+            raise LifelogError(_taken(self.stage, self.path))
 
     def release(self) -> None:
         if self._delegate is not None:
@@ -329,8 +328,12 @@ def check_token(path: Path, token: str, stage: str) -> None:
     before the write that makes its work visible, so a run judged dead and taken over publishes nothing more."""
     now = _read(path)
     if not now or now.get("token") != token:
-        raise LifelogError(f"{stage}: another run took this run's lease ({path}); stopping without writing more. "
-                           f"Raise storage.lease_timeout_s if this run was only slow")
+        raise LifelogError(_taken(stage, path))
+
+
+def _taken(stage: str, path: Path) -> str:
+    return (f"{stage}: another run took this run's lease ({path}); stopping without writing more. "
+            f"Raise storage.lease_timeout_s if this run was only slow")
 
 
 def check_free(cfg, names: list[tuple[str, str | None]]) -> None:

@@ -7,8 +7,8 @@ Each unit is staged as the writers stage it (``--parts`` Parquet parts per layer
 flatten 25,088, fc1 4,096, fc2 4,096, predictions 1,000), then published two ways, on the same files:
 - `driver`: what extract's driver did until 2026-12-07, `UnitLedger.publish` and the marker in the driver's
   loop, one unit after another (reading the parts back, concatenating, writing the unit's file);
-- `tasks`: what it does now, `UnitTracker.record` with the writers' summary rows: the driver counts and starts a
-  `publish_unit` Ray task per unit (on the writer's node), and collects them at the end.
+- `tasks`: what it does now, `UnitTracker.record` with the writers' summary rows: the driver counts and hands each
+  unit to its writer node's publisher (a `UnitPublisher` actor running `publish_unit`), and collects them at the end.
 For each: the driver's CPU time per unit (its own cost: the images per second one driver core could pass at
 that cost), and the wall time until every unit is published. With tasks the driver keeps at most
 `max_in_flight` publishing tasks running (extract sets 2 per model actor, at least 4; here 4), so when publishing
@@ -83,8 +83,10 @@ def in_tasks(model_dir: Path, rows: pd.DataFrame) -> dict:
     for b in batches:  # what the streaming loop hands the tracker: the writers' rows, one per part
         tracker.record(b)
     tracker.collect()
-    return {"driver_cpu_s": time.process_time() - c0, "until_published_s": time.perf_counter() - w0,
-            "units_published": tracker.published}
+    out = {"driver_cpu_s": time.process_time() - c0, "until_published_s": time.perf_counter() - w0,
+           "units_published": tracker.published}
+    tracker.close()
+    return out
 
 
 def main() -> None:

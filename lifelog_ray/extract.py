@@ -25,6 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -223,6 +224,29 @@ def publish_unit(model_dir: Path, unit: str, day: str, parts: list[str], layers:
     return storage.retried_since(before)
 
 
+PUBLISH_THREADS = 4  # units a node's publisher moves at once: file I/O, which releases the GIL
+
+
+class UnitPublisher:
+    """A writer node's publisher for one run (a Ray actor asking no CPU, a few threads): it runs `publish_unit`
+    for the units whose last part that node wrote. One long-lived process per node, where a task per unit
+    would often wait for a fresh worker process (Ray ends idle workers beyond a node's CPU count)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._reported = storage.retry_counts()
+
+    def publish(self, *args: Any) -> dict[str, int]:
+        publish_unit(*args)
+        with self._lock:  # threads overlap: each call reports the process's retries not reported before
+            now = storage.retry_counts()
+            delta = {k: now[k] - self._reported.get(k, 0) for k in storage.RETRY_LAYERS}
+            self._reported = now
+        return delta
+
+
 def plan_units(pending: pd.DataFrame, unit_size: int) -> pd.DataFrame:
     """Group pending images into units: <= unit_size images of one day, named by day and content."""
     pending = pending.sort_values(["day", "image_id"]).reset_index(drop=True)
@@ -382,7 +406,9 @@ class UnitTracker:
         self.rejects: dict[str, list[dict]] = {}
         self.n_ok = self.n_bad = 0
         self.retried = dict.fromkeys(storage.RETRY_LAYERS, 0)
-        self.in_flight: list = []  # publishing tasks not yet collected
+        self.in_flight: list = []  # publishing calls not yet collected
+        self.sent: dict = {}  # each of those calls -> its node's publisher key and the unit's arguments
+        self.publishers: dict[str, Any] = {}  # a writer node -> its UnitPublisher (this run's)
         self._task = None
         self.published = 0
 
@@ -407,49 +433,96 @@ class UnitTracker:
         self.collect(wait=False)
 
     def _publish(self, unit: str, node: str) -> None:
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
         if self.lease is not None:
             self.lease.check()  # judged dead and taken over: publish nothing more
-        # On the writer's node (soft: anywhere if it is gone), no CPU asked: it moves files, and a node busy
-        # with decoding must not hold a finished unit back from readers.
-        if self._task is None:  # one remote function for the run: its code is exported to the cluster once
-            self._task = ray.remote(publish_unit)
-        where = NodeAffinitySchedulingStrategy(node, soft=True) if node else "DEFAULT"
-        task = self._task.options(num_cpus=0, max_retries=3, scheduling_strategy=where, name="publish_unit")
         rejects = [{**r, "model": self.model} for r in self.rejects.pop(unit)]
-        self.in_flight.append(task.remote(
-            self.ledger.model_dir, unit, self.day[unit], self.parts.pop(unit), self.layers, self.staging, rejects,
-            self.lease.path if self.lease is not None else None, self.lease.token if self.lease is not None else ""))
+        args = (self.ledger.model_dir, unit, self.day[unit], self.parts.pop(unit), self.layers, self.staging, rejects,
+                self.lease.path if self.lease is not None else None, self.lease.token if self.lease is not None else "")
+        ref = self._publisher(node).publish.remote(*args)
+        self.in_flight.append(ref)
+        self.sent[ref] = (node, args)
         if len(self.in_flight) >= self.max_in_flight:
             self.collect(wait=True, at_least=len(self.in_flight) - self.max_in_flight + 1)
 
-    def collect(self, wait: bool = True, at_least: int | None = None) -> None:
-        """Count the publishing tasks that finished: with ``wait``, ``at_least`` of them (default all) once they
-        have; a failed one fails the run."""
+    def _publisher(self, node: str) -> Any:
+        """The node's publisher, started on first use: on the writer's node (soft: anywhere if it is gone), no
+        CPU asked (it moves files, and a node busy decoding must not hold a finished unit back from readers)."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if node not in self.publishers:
+            where = NodeAffinitySchedulingStrategy(node, soft=True) if node else "DEFAULT"
+            self.publishers[node] = ray.remote(UnitPublisher).options(
+                num_cpus=0, max_concurrency=PUBLISH_THREADS, scheduling_strategy=where).remote()
+        return self.publishers[node]
+
+    def start(self) -> None:
+        """Start a publisher on each node up now where a writer can run (one with CPU): its process starts
+        while the model loads, not when the run's first unit is done. A node that comes later gets its own
+        on first use."""
         import ray
 
-        if not self.in_flight:
-            return
-        want = len(self.in_flight) if at_least is None or not wait else min(at_least, len(self.in_flight))
-        done, self.in_flight = ray.wait(self.in_flight, num_returns=want, timeout=None if wait else 0)
-        if wait and want < len(done) + len(self.in_flight):  # and any others already finished
-            more, self.in_flight = ray.wait(self.in_flight, num_returns=len(self.in_flight), timeout=0)
-            done += more
-        for ref in done:
-            try:
-                retried = ray.get(ref)
-            except ray.exceptions.RayError as e:
-                cause = getattr(e, "cause", None) or e
-                if isinstance(cause, LifelogError):  # the lease was taken: its own message
-                    raise LifelogError(str(cause)) from None
-                raise LifelogError(f"extract {self.model}: publishing a unit failed ({type(cause).__name__}: "
-                                   f"{str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}); "
-                                   f"rerun the same command to resume") from e
-            self.published += 1
-            for k, v in retried.items():
-                self.retried[k] += v
+        for n in ray.nodes():
+            if n["Alive"] and n["Resources"].get("CPU", 0) > 0:
+                self._publisher(n["NodeID"])
+
+    def _by_task(self, args: tuple) -> None:
+        """A unit whose publisher was lost with its node: published again (it is idempotent) by a task that
+        Ray retries, wherever there is room."""
+        import ray
+
+        if self._task is None:
+            self._task = ray.remote(publish_unit).options(num_cpus=0, max_retries=3, name="publish_unit")
+        ref = self._task.remote(*args)
+        self.in_flight.append(ref)
+        self.sent[ref] = (None, args)
+
+    def collect(self, wait: bool = True, at_least: int | None = None) -> None:
+        """Count the publishing calls that finished: with ``wait``, ``at_least`` of them (default all) once they
+        have; a failed one fails the run, except one whose publisher died (its node lost), which is sent again."""
+        import ray
+
+        while self.in_flight:
+            want = len(self.in_flight) if at_least is None or not wait else min(at_least, len(self.in_flight))
+            done, self.in_flight = ray.wait(self.in_flight, num_returns=want, timeout=None if wait else 0)
+            if wait and want < len(done) + len(self.in_flight):  # and any others already finished
+                more, self.in_flight = ray.wait(self.in_flight, num_returns=len(self.in_flight), timeout=0)
+                done += more
+            resent = 0
+            for ref in done:
+                node, args = self.sent.pop(ref)
+                try:
+                    retried = ray.get(ref)
+                except ray.exceptions.ActorDiedError as e:
+                    if node is None:
+                        raise
+                    log.warning("extract %s: the publisher on node %s is gone (%s); unit %s is published again",
+                                self.model, node[:12], type(e).__name__, args[1])
+                    self.publishers.pop(node, None)
+                    self._by_task(args)
+                    resent += 1
+                    continue
+                except ray.exceptions.RayError as e:
+                    cause = getattr(e, "cause", None) or e
+                    if isinstance(cause, LifelogError):  # the lease was taken: its own message
+                        raise LifelogError(str(cause)) from None
+                    raise LifelogError(f"extract {self.model}: publishing a unit failed ({type(cause).__name__}: "
+                                       f"{str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}); "
+                                       f"rerun the same command to resume") from e
+                self.published += 1
+                for k, v in retried.items():
+                    self.retried[k] += v
+            if not wait or not resent:
+                return
+            at_least = resent if at_least is not None else None  # wait for what was sent again, as for the rest
+
+    def close(self) -> None:
+        """End this run's publishers (after `collect`: nothing of theirs is in flight)."""
+        import ray
+
+        for actor in self.publishers.values():
+            ray.kill(actor)
+        self.publishers.clear()
 
     def incomplete(self) -> list[str]:
         return [u for u, n in self.expected.items() if self.seen.get(u, 0) != n]
@@ -498,14 +571,18 @@ def _extract_model(cfg: StudyConfig, model: str, weights: list[np.ndarray] | Non
         summary.pool_s, summary.pool = time.perf_counter() - t0, max(plan.min_actors, min(got.ready, plan.max_actors))
         decode = settle_decode(model_dir, signature, e.decode, plan.device, e.gpu_wait_s)  # before any image is read
         chain = feature_dataset(cfg, spec, rows, staging, weights, decode, plan, got.ready)
-        for batch in chain.iter_batches(batch_size=None, batch_format="pandas"):
-            if not summary.first_output_s:
-                summary.first_output_s = time.perf_counter() - t0
-                summary.first_output_rows = (int(batch["n_ok"].sum())
-                                             + sum(len(json.loads(r)) for r in batch["rejects"]))
-            tracker.record(batch)
-            progress.report(f"extract {model}", tracker.n_ok + tracker.n_bad, len(pending), "images")
-        tracker.collect()  # every unit's publishing task, before the pool's resources are given back
+        try:
+            tracker.start()
+            for batch in chain.iter_batches(batch_size=None, batch_format="pandas"):
+                if not summary.first_output_s:
+                    summary.first_output_s = time.perf_counter() - t0
+                    summary.first_output_rows = (int(batch["n_ok"].sum())
+                                                 + sum(len(json.loads(r)) for r in batch["rejects"]))
+                tracker.record(batch)
+                progress.report(f"extract {model}", tracker.n_ok + tracker.n_bad, len(pending), "images")
+            tracker.collect()  # every unit's publishing, before the pool's resources are given back
+        finally:
+            tracker.close()
     summary.processed, summary.rejected, summary.seconds = tracker.n_ok, tracker.n_bad, time.perf_counter() - t0
     if tracker.incomplete():
         raise LifelogError(f"extract {model}: {len(tracker.incomplete())} unit(s) incomplete; "

@@ -30,7 +30,8 @@ BIN = Path(sys.executable).parent
 BUCKET = "lifelog"
 # Our tasks and actors (Ray Data stages, Ray Train workers, Tune trials, the decode probe): none may run on the head.
 OURS = ("decode_batch", "read_batch", "FeatureExtractor", "ShardWriter", "PipelineClassifier", "FinetunedClassifier",
-        "PredictionWriter", "_keep_decoded", "probe", "RayTrainWorker", "ImplicitFunc", "_refit_remote", "_trial", "publish_unit")
+        "PredictionWriter", "_keep_decoded", "probe", "RayTrainWorker", "ImplicitFunc", "_refit_remote", "_trial", "publish_unit",
+        "UnitPublisher")
 
 
 @pytest.fixture(scope="module")

@@ -349,3 +349,44 @@ def test_a_unit_is_published_whole_once_and_only_under_the_runs_lease(tmp_path, 
         with pytest.raises(LifelogError, match="another run took this run's lease"):
             publish_unit(model_dir, "u2", "2016-08-16", ["u2_pa"], layers, staging, [], lease.path, old)
     assert not (model_dir / "_units" / "u2.json").exists()
+
+
+def test_units_whose_publisher_is_lost_with_its_node_are_published_again(tmp_path, ray_local, caplog):
+    """The driver hands each finished unit to its writer node's publisher (a Ray actor). A publisher that dies
+    with its node (here: killed while it holds units) loses no unit: each one it held is published again by a
+    task, once, and every unit ends whole and marked."""
+    import ray
+
+    from lifelog_ray.extract import UnitLedger, UnitTracker
+
+    model_dir = tmp_path / "features" / "vgg19"
+    staging = model_dir / "_staging" / "run1"
+    units = [f"2016-08-{15 + u:02d}_u{u}" for u in range(6)]
+    rows = []
+    for u, unit in enumerate(units):
+        for k in range(2):  # two staged parts a unit, as writers stage them
+            ids = [f"img{u}_{k}_{i}" for i in range(3)]
+            for layer in LAYERS2:
+                storage.write_table_atomic(pa.table({"image_id": ids, "features": pa.FixedSizeListArray.from_arrays(
+                    pa.array([float(u)] * 6, pa.float32()), 2)}), staging / layer / f"{unit}_p{k}.parquet")
+            rows.append({"unit": unit, "part": f"{unit}_p{k}", "n_ok": 3, "rejects": "[]", "day": unit[:10],
+                         "ids": ids})
+    rows = pd.DataFrame(rows)
+    pending = pd.DataFrame([{"image_id": i, "unit": r.unit, "day": r.day} for r in rows.itertuples() for i in r.ids])
+    node = ray.get_runtime_context().get_node_id()
+    tracker = UnitTracker(UnitLedger(model_dir), pending, "vgg19", LAYERS2, staging, max_in_flight=len(units))
+    tracker.start()
+    (publisher,) = tracker.publishers.values()
+    ray.kill(publisher)  # its node lost: every unit sent to it from now on fails with ActorDiedError
+    with caplog.at_level("WARNING", logger="lifelog_ray.extract"):
+        for _, part in rows.assign(node=node).groupby("part", sort=False):
+            tracker.record(part[["unit", "part", "n_ok", "rejects", "node"]])
+        tracker.collect()
+    tracker.close()
+    assert tracker.published == len(units) and not tracker.incomplete()
+    assert "is gone" in caplog.text and "is published again" in caplog.text, caplog.text
+    assert sorted(p.stem for p in (model_dir / "_units").glob("*.json")) == units
+    for layer in LAYERS2:
+        got = pd.read_parquet(model_dir / layer)
+        assert sorted(got["image_id"]) == sorted(pending["image_id"]) and got["image_id"].is_unique
+    assert not list(staging.rglob("*.parquet"))

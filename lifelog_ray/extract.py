@@ -224,6 +224,7 @@ def publish_unit(model_dir: Path, unit: str, day: str, parts: list[str], layers:
     return storage.retried_since(before)
 
 
+WRITER_CPUS = 0.25  # a ShardWriter's ask (it encodes Parquet), and a publishing task's where no publisher is left
 PUBLISH_THREADS = 4  # units a node's publisher moves at once: file I/O, which releases the GIL
 
 
@@ -383,7 +384,7 @@ def feature_dataset(cfg: StudyConfig, spec: BackboneSpec, rows: pd.DataFrame, st
     return ds.map_batches(
         ShardWriter, fn_constructor_kwargs={"staging": staging, "layers": list(spec.layers), "dtype": e.store_dtype},
         batch_size=e.unit_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_actors),
-        num_cpus=0.25, batch_format="numpy",
+        num_cpus=WRITER_CPUS, batch_format="numpy",
     )
 
 
@@ -438,22 +439,27 @@ class UnitTracker:
         rejects = [{**r, "model": self.model} for r in self.rejects.pop(unit)]
         args = (self.ledger.model_dir, unit, self.day[unit], self.parts.pop(unit), self.layers, self.staging, rejects,
                 self.lease.path if self.lease is not None else None, self.lease.token if self.lease is not None else "")
-        ref = self._publisher(node).publish.remote(*args)
-        self.in_flight.append(ref)
-        self.sent[ref] = (node, args)
+        if not node:  # a writer that did not say where it ran
+            self._by_task(args)
+        else:
+            ref = self._publisher(node).publish.remote(*args)
+            self.in_flight.append(ref)
+            self.sent[ref] = (node, args)
         if len(self.in_flight) >= self.max_in_flight:
             self.collect(wait=True, at_least=len(self.in_flight) - self.max_in_flight + 1)
 
     def _publisher(self, node: str) -> Any:
-        """The node's publisher, started on first use: on the writer's node (soft: anywhere if it is gone), no
-        CPU asked (it moves files, and a node busy decoding must not hold a finished unit back from readers)."""
+        """The node's publisher, started on first use: on that node and no other (a publisher asks no CPU, so
+        one free to go anywhere could land on a head kept free of work), no CPU asked (it moves files, and a
+        node busy decoding must not hold a finished unit back from readers). Where the node is gone, its calls
+        fail and `collect` publishes those units by task."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         if node not in self.publishers:
-            where = NodeAffinitySchedulingStrategy(node, soft=True) if node else "DEFAULT"
             self.publishers[node] = ray.remote(UnitPublisher).options(
-                num_cpus=0, max_concurrency=PUBLISH_THREADS, scheduling_strategy=where).remote()
+                num_cpus=0, max_concurrency=PUBLISH_THREADS,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
         return self.publishers[node]
 
     def start(self) -> None:
@@ -468,11 +474,11 @@ class UnitTracker:
 
     def _by_task(self, args: tuple) -> None:
         """A unit whose publisher was lost with its node: published again (it is idempotent) by a task that
-        Ray retries, wherever there is room."""
+        Ray retries, on any node where a writer could run (it asks a writer's CPU, so never a head without)."""
         import ray
 
         if self._task is None:
-            self._task = ray.remote(publish_unit).options(num_cpus=0, max_retries=3, name="publish_unit")
+            self._task = ray.remote(publish_unit).options(num_cpus=WRITER_CPUS, max_retries=3, name="publish_unit")
         ref = self._task.remote(*args)
         self.in_flight.append(ref)
         self.sent[ref] = (None, args)
@@ -493,7 +499,7 @@ class UnitTracker:
                 node, args = self.sent.pop(ref)
                 try:
                     retried = ray.get(ref)
-                except ray.exceptions.ActorDiedError as e:
+                except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnschedulableError) as e:
                     if node is None:
                         raise
                     log.warning("extract %s: the publisher on node %s is gone (%s); unit %s is published again",

@@ -349,9 +349,10 @@ def test_a_unit_is_published_whole_once_and_only_under_the_runs_lease(tmp_path, 
 
 
 def test_units_whose_publisher_is_lost_with_its_node_are_published_again(tmp_path, ray_local, caplog):
-    """The driver hands each finished unit to its writer node's publisher (a Ray actor). A publisher that dies
-    with its node (here: killed while it holds units) loses no unit: each one it held is published again by a
-    task, once, and every unit ends whole and marked."""
+    """The driver hands each finished unit to its writer node's publisher (a Ray actor, held to that node). A
+    publisher that dies with its node (here: killed while it holds units), or one that cannot start because its
+    node is gone, loses no unit: each one it held is published again by a task, once, and every unit ends whole
+    and marked."""
     import ray
 
     from lifelog_ray.extract import UnitLedger, UnitTracker
@@ -375,13 +376,16 @@ def test_units_whose_publisher_is_lost_with_its_node_are_published_again(tmp_pat
     tracker.start()
     (publisher,) = tracker.publishers.values()
     ray.kill(publisher)  # its node lost: every unit sent to it from now on fails with ActorDiedError
+    gone = "ab" * 28  # and a writer's node that left the cluster before its publisher could start there
+    rows["node"] = [gone if unit == units[-1] else node for unit in rows["unit"]]
     with caplog.at_level("WARNING", logger="lifelog_ray.extract"):
-        for _, part in rows.assign(node=node).groupby("part", sort=False):
+        for _, part in rows.groupby("part", sort=False):
             tracker.record(part[["unit", "part", "n_ok", "rejects", "node"]])
         tracker.collect()
     tracker.close()
     assert tracker.published == len(units) and not tracker.incomplete()
-    assert "is gone" in caplog.text and "is published again" in caplog.text, caplog.text
+    assert "is gone" in caplog.text and f"unit {units[-1]} is published again" in caplog.text, caplog.text
+    assert "ActorUnschedulableError" in caplog.text and "ActorDiedError" in caplog.text, caplog.text
     assert sorted(p.stem for p in (model_dir / "_units").glob("*.json")) == units
     for layer in LAYERS2:
         got = pd.read_parquet(model_dir / layer)

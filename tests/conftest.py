@@ -5,11 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -19,10 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Ray starts its workers 15 nice levels below their raylet. The session's own Rays (the shared one, the CLIs the
-# tests start) run theirs at the tests' priority, so that the background scenarios below (nice 10, their workers
-# down to 19) only take the CPU the tests leave idle. (The README recipe's shell drops every RAY_ variable.)
-os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,7 +23,7 @@ def pytest_collection_modifyitems(config, items):
     (left out of `make test-fast`); tests that start their own Ray cluster (`cluster`) run after all the
     others, once the shared Ray is no longer needed."""
     for item in items:
-        if {"ray_local", "s3", "demo_run", "chaos_soak", "readme_recipe"} & set(item.fixturenames) or item.get_closest_marker("cluster"):
+        if {"ray_local", "s3", "demo_run", "chaos_soak"} & set(item.fixturenames) or item.get_closest_marker("cluster"):
             item.add_marker(pytest.mark.integration)
     items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)  # stable: order kept otherwise
 
@@ -109,50 +102,14 @@ class Background:
             self.proc.wait()
 
 
-class BackgroundSteps:
-    """A background scenario whose steps are this process's code waiting on subprocesses (run at nice 10 by
-    the steps): a thread that keeps what they returned, or what they raised."""
-
-    def __init__(self, steps: Callable[[], Any], timeout_s: float) -> None:
-        self.timeout_s, self._got, self._error = timeout_s, None, None
-        self.thread = threading.Thread(target=self._run, args=(steps,), daemon=True, name="background-scenario")
-        self.thread.start()
-
-    def _run(self, steps: Callable[[], Any]) -> None:
-        try:
-            self._got = steps()
-        except BaseException as e:  # noqa: BLE001 - raised again in the test that reads the result
-            self._error = e
-
-    def result(self) -> Any:
-        self.thread.join(self.timeout_s)
-        if self.thread.is_alive():
-            raise TimeoutError(f"a background scenario still runs after {self.timeout_s:g}s")
-        if self._error is not None:
-            raise self._error
-        return self._got
-
-    def stop(self) -> None:  # its steps stop what they started (a finally); a daemon thread ends with the session
-        pass
-
-
-_BACKGROUND: dict[str, Background | BackgroundSteps] = {}
+_BACKGROUND: dict[str, Background] = {}
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _background_scenarios(request, tmp_path_factory):
-    """Start the session's background scenarios that some selected test uses (`readme_recipe`, `demo_run`,
-    `chaos_soak`). The README's recipe first: its head needs Ray's default ports, so it is up before any other
-    Ray of the session starts."""
+    """Start the session's background scenarios that some selected test uses (`demo_run`, `chaos_soak`)."""
     used = {name for item in request.session.items for name in item.fixturenames}
     lifelog_ray = str(Path(sys.executable).parent / "lifelog-ray")
-    if "readme_recipe" in used:
-        from readme_recipe import run_recipe
-
-        head_up = threading.Event()
-        tmp = tmp_path_factory.mktemp("readme")
-        _BACKGROUND["readme_recipe"] = BackgroundSteps(lambda: run_recipe(tmp, head_up), timeout_s=4000)
-        head_up.wait(timeout=600)
     if "demo_run" in used:
         lifelog = request.getfixturevalue("sample_lifelog")
         study = tmp_path_factory.mktemp("demo") / "study"
@@ -186,13 +143,6 @@ def demo_run(_background_scenarios) -> DemoRun:
     code, out = scenario.result()
     assert code == 0, out[-5000:]
     return DemoRun(load_config(scenario.writes / "config.yaml"), out, code)  # the config the run resolved
-
-
-@pytest.fixture(scope="session")
-def readme_recipe(_background_scenarios) -> dict:
-    """The README's local cluster recipe as typed (tests/readme_recipe.py, started with the session in the
-    background): what each of its steps gave."""
-    return _BACKGROUND["readme_recipe"].result()
 
 
 @pytest.fixture(scope="session")

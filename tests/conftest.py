@@ -23,7 +23,7 @@ def pytest_collection_modifyitems(config, items):
     (left out of `make test-fast`); tests that start their own Ray cluster (`cluster`) run after all the
     others, once the shared Ray is no longer needed."""
     for item in items:
-        if {"ray_local", "s3", "demo_run", "chaos_soak"} & set(item.fixturenames) or item.get_closest_marker("cluster"):
+        if {"ray_local", "s3", "demo_run"} & set(item.fixturenames) or item.get_closest_marker("cluster"):
             item.add_marker(pytest.mark.integration)
     items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)  # stable: order kept otherwise
 
@@ -68,92 +68,25 @@ DEMO_SETS = {"extract.image_size": "32", "finetune.image_size": "32", "finetune.
              "classify.search_space": str(ROOT / "jobs" / "configs" / "search_space_small.yaml")}
 
 
-# Two whole-process scenarios start with the session, in the background, at a lower CPU priority (nice 10): each
-# is a self-contained process tree (its own local Ray) whose test only reads what it printed and wrote, so it runs
-# in the CPU time the other tests leave idle (a fifth of the suite's: Ray starting, processes importing,
-# subprocesses waited on) rather than after them. Its fixture waits for it. Only what the session selected starts.
-BACKGROUND_NICE = 10
-
-
-class Background:
-    """One background scenario: a process started now, its output in a file (a pipe nobody reads would fill)."""
-
-    def __init__(self, argv: list[str], log: Path, cwd: Path, timeout_s: float, writes: Path) -> None:
-        self.log, self.timeout_s, self.writes = log, timeout_s, writes  # writes: what the test reads after it
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
-                                         preexec_fn=lambda: os.nice(BACKGROUND_NICE))
-
-    def result(self) -> tuple[int, str]:
-        """Wait for it (its own timeout counts from the start of the session); its exit code and what it printed."""
-        try:
-            code = self.proc.wait(timeout=self.timeout_s)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            code = self.proc.wait()
-        return code, self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        """A scenario left running (its test deselected or failed first) ends with the session, its Ray included."""
-        from lifelog_ray.local_cluster import kill_tree
-
-        if self.proc.poll() is None:
-            kill_tree(self.proc.pid)
-            self.proc.wait()
-
-
-_BACKGROUND: dict[str, Background] = {}
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _background_scenarios(request, tmp_path_factory):
-    """Start the session's background scenarios that some selected test uses (`demo_run`, `chaos_soak`)."""
-    used = {name for item in request.session.items for name in item.fixturenames}
-    lifelog_ray = str(Path(sys.executable).parent / "lifelog-ray")
-    if "demo_run" in used:
-        lifelog = request.getfixturevalue("sample_lifelog")
-        study = tmp_path_factory.mktemp("demo") / "study"
-        sets = [a for k, v in {**DEMO_SETS, "predict.images": str(lifelog.parent / "new-days")}.items()
-                for a in ("--set", f"{k}={v}")]
-        _BACKGROUND["demo_run"] = Background(
-            [lifelog_ray, "run", "--config", str(ROOT / "jobs" / "configs" / "sample.yaml"), "--root", str(lifelog),
-             "--labels", str(lifelog / "labels.csv"), "--study", str(study), "--ray-address", "local", *sets],
-            study.parent / "run.log", study.parent, timeout_s=1200, writes=study)
-    if "chaos_soak" in used:
-        out = tmp_path_factory.mktemp("chaos")
-        _BACKGROUND["chaos_soak"] = Background(
-            [sys.executable, str(ROOT / "benchmarks" / "chaos.py"), "--kills", "3", "--days", "3",
-             "--images-per-day", "24", "--second-run-share", "0.5", "--seed", "1", "--out", str(out / "chaos.json")],
-            out / "chaos.log", out, timeout_s=1500, writes=out / "chaos.json")
-    yield
-    for scenario in _BACKGROUND.values():
-        scenario.stop()
-
-
 @pytest.fixture(scope="session")
-def demo_run(_background_scenarios) -> DemoRun:
+def demo_run(tmp_path_factory, sample_lifelog) -> DemoRun:
     """The session's one whole-study run on local disk, which many tests read: `lifelog-ray run` with the demo's
-    config (jobs/configs/sample.yaml) in its own process, starting its own local Ray, as a user types it (started
-    with the session, in the background). test_console reads what it printed; test_study and test_curve read the
-    study it wrote. (The S3 study is the cloud recipe's, in test_cluster.py; the README recipe's is
-    test_job_submit.py's.)"""
+    config (jobs/configs/sample.yaml) in its own process, starting its own local Ray, as a user types it.
+    test_console reads what it printed; test_study and test_curve read the study it wrote.
+    (The S3 study is the cloud recipe's, in test_cluster.py; the README recipe's is test_job_submit.py's.)"""
     from lifelog_ray.config import load_config
 
-    scenario = _BACKGROUND["demo_run"]
-    code, out = scenario.result()
-    assert code == 0, out[-5000:]
-    return DemoRun(load_config(scenario.writes / "config.yaml"), out, code)  # the config the run resolved
-
-
-@pytest.fixture(scope="session")
-def chaos_soak(_background_scenarios) -> tuple[int, str, dict | None]:
-    """benchmarks/chaos.py's short version (3 kills of extract runs and of their model actors, raced second runs),
-    in its own process tree (started with the session, in the background): its exit code, output and stats."""
-    import json
-
-    scenario = _BACKGROUND["chaos_soak"]
-    code, out = scenario.result()
-    return code, out, json.loads(scenario.writes.read_text()) if scenario.writes.exists() else None
+    study = tmp_path_factory.mktemp("demo") / "study"
+    sets = [a for k, v in {**DEMO_SETS, "predict.images": str(sample_lifelog.parent / "new-days")}.items()
+            for a in ("--set", f"{k}={v}")]
+    run = subprocess.run([str(Path(sys.executable).parent / "lifelog-ray"), "run", "--config",
+                          str(ROOT / "jobs" / "configs" / "sample.yaml"), "--root", str(sample_lifelog),
+                          "--labels", str(sample_lifelog / "labels.csv"), "--study", str(study),
+                          "--ray-address", "local", *sets],
+                         capture_output=True, text=True, timeout=1200, cwd=study.parent)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-5000:]
+    return DemoRun(load_config(study / "config.yaml"), out, run.returncode)  # the config the run resolved
 
 
 @pytest.fixture(scope="session")

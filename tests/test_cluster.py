@@ -316,8 +316,10 @@ def test_a_bad_day_a_gpu_node_lost_mid_extract_behind_a_flaky_object_store(clust
     # the retries, per layer, in the extract and predict logs and summary lines
     assert "object-store request(s) retried" in out + labelled.out + labelled.err
     summary = {}
-    for stage in ("extract", "predict"):
-        assert "retried by botocore" in logs[stage] and "in this run" in logs[stage], logs[stage][-3000:]
+    for stage in ("extract", "predict"):  # the layer that retried: the driver's own line, or the run's summary
+        # (which request fails is chance: a run whose retries all fell in its workers has no driver line)
+        assert ("retried by botocore" in logs[stage] or "(botocore " in logs[stage]) and "in this run" in logs[stage], \
+            logs[stage][-3000:]
         summary[stage] = re.search(r"storage: (\d+) object-store request\(s\) retried \(([^)]*)\) in this run",
                                    logs[stage])
     assert all(summary.values()), summary

@@ -302,9 +302,9 @@ def test_a_lease_whose_create_was_applied_but_unanswered_is_this_runs_own(tmp_pa
 
 
 def test_a_unit_is_published_whole_once_and_only_under_the_runs_lease(tmp_path, monkeypatch):
-    """`publish_unit`, the Ray task that publishes a finished unit on its writer's node, as a plain function: two
-    staged parts become one file per layer, then the marker; a crash part-way and Ray's retry of the task publish
-    the unit once; a run whose lease another run took writes no marker (a rerun deletes its files)."""
+    """`publish_unit`, what publishes a finished unit on its writer's node (in that node's publisher actor, or a
+    task where the node is gone), as a plain function: two staged parts become one file per layer, then the
+    marker; a crash part-way and a second call (a retry) publish the unit once; a run whose lease another run took writes no marker (a rerun deletes its files)."""
     from lifelog_ray.errors import LifelogError
     from lifelog_ray.extract import publish_unit
 

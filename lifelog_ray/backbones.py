@@ -122,7 +122,8 @@ def resolve_weights(spec: BackboneSpec) -> list[np.ndarray]:
     keras = keras_module()
     w = spec.weights
     if w.lower() == "none":
-        return random_weights(_checked(build_base(keras, spec, None), spec).get_weights(), spec.seed)
+        # only the weights' shapes are needed: not get_weights(), which copies every array (~2 s at 224 px)
+        return random_weights(_checked(build_base(keras, spec, None), spec).weights, spec.seed)
     if w.lower() == "imagenet":
         cached = keras_cache_dir() / IMAGENET_FILES[spec.model]
         try:
@@ -163,15 +164,20 @@ def random_weights(like: list[np.ndarray], seed: int) -> list[np.ndarray]:
     barely moves in a few epochs, and every fine-tuning method predicts the majority class. He-normal
     kernels (std sqrt(2 / fan_in)) preserve the variance through ReLUs; the first kernel is divided by
     the input's spread so the scale is ~1 from the first layer on. Biases start at zero, as in Keras.
+    ``like``: the model's weights, or anything with their ``shape`` and ``dtype`` (its variables).
+    Scaled in place, in float64 then rounded as before (the same numbers, ~4x less time: 143 M weights at 224 px).
     """
     rng = np.random.default_rng(seed)
     out = []
     for i, w in enumerate(like):
-        if w.ndim == 1:
-            out.append(np.zeros_like(w))
+        shape, dtype = tuple(w.shape), np.dtype(str(getattr(w.dtype, "name", w.dtype)))
+        if len(shape) == 1:
+            out.append(np.zeros(shape, dtype))
             continue
-        std = np.sqrt(2.0 / np.prod(w.shape[:-1])) / (INPUT_SPREAD if i == 0 else 1.0)
-        out.append((rng.standard_normal(w.shape, dtype=np.float32) * std).astype(w.dtype))
+        std = np.sqrt(2.0 / np.prod(shape[:-1])) / (INPUT_SPREAD if i == 0 else 1.0)
+        x = rng.standard_normal(shape, dtype=np.float32)
+        np.multiply(x, std, out=x, casting="unsafe")  # computed in float64 (std is), stored as float32
+        out.append(x if dtype == np.float32 else x.astype(dtype))
     return out
 
 

@@ -36,8 +36,10 @@ OURS = ("decode_batch", "read_batch", "FeatureExtractor", "ShardWriter", "Pipeli
 
 @pytest.fixture(scope="module")
 def cluster():
-    # gpu_worker and cpu_worker as in cluster.yaml (min 0), capped at what 2 cores hold; idle nodes go in 20 s
-    with LocalCluster(max_workers={"gpu_worker": 2, "cpu_worker": 1}, idle_timeout_s=20, heartbeat_timeout_s=8) as c:
+    # gpu_worker and cpu_worker as in cluster.yaml (min 0), capped at what 2 cores hold. Idle nodes go in 45 s:
+    # long enough that the bad day starts on the GPU nodes the recipe's predict left up (a cold start of two
+    # GPU nodes costs ~50 s here), short enough that the chain's last step finds them gone or going.
+    with LocalCluster(max_workers={"gpu_worker": 2, "cpu_worker": 1}, idle_timeout_s=45, heartbeat_timeout_s=8) as c:
         yield c
 
 
@@ -64,6 +66,12 @@ def lifelog(s3, tmp_path_factory):
     upload(fs, local / "lifelog", "cluster/images")
     upload(fs, local / "new", "cluster/new")
     return local
+
+
+@pytest.fixture(scope="module")
+def recipe_dir(tmp_path_factory) -> Path:
+    """Where the recipe's config lies: the chain's last step resumes the recipe's study with the same file."""
+    return tmp_path_factory.mktemp("recipe")
 
 
 def cloud_config(tmp: Path, options: dict, study: str, **over) -> Path:
@@ -108,14 +116,16 @@ def features(study, layer: str, options: dict | None = None) -> pd.DataFrame:
     return t.set_index("image_id").sort_index()
 
 
-def test_the_cloud_recipe_runs_on_an_autoscaling_cluster(cluster, s3, lifelog, tmp_path, ray_local):
+def test_the_cloud_recipe_runs_on_an_autoscaling_cluster(cluster, s3, lifelog, long_lifelog, recipe_dir):
     """`ray job submit ... jobs/study.py --config` (multiyear_gpu.yaml scaled down) on a cluster of zero workers:
     every stage runs, the model actors get GPUs on two GPU nodes at once, nothing of ours runs on the head,
-    Tune, XGBoost and fine-tuning bring up their own nodes, the features equal a single-node run's bit for
-    bit, and the workers scale back to zero afterwards."""
+    Tune, XGBoost and fine-tuning run on worker nodes the autoscaler added. (The chain's last step checks that
+    the features equal a single-node run's bit for bit, that the study resumes from the bucket, and that the
+    workers scale back to zero: done here, they would leave the bad day, next, to start its GPU nodes cold.
+    `long_lifelog` is the bad day's, made now for the same reason.)"""
     fs, options = s3
     wait_for_zero_workers(cluster)
-    config = cloud_config(tmp_path, options, "cluster/study")
+    config = cloud_config(recipe_dir, options, "cluster/study")
     job = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(ROOT),
                           "--", sys.executable, "jobs/study.py", "--config", str(config)],
                          env=cluster.process_env(), capture_output=True, text=True, timeout=1500, cwd=ROOT)
@@ -192,24 +202,7 @@ def test_the_cloud_recipe_runs_on_an_autoscaling_cluster(cluster, s3, lifelog, t
     events = pd.read_parquet(f"{study}/predictions/new/events.parquet", storage_options=options["s3"])
     assert events["n_frames"].sum() == preds["smoothed_label"].notna().sum()  # every labelled frame in one event
 
-    # the same config on one node (the test session's local Ray), images read from the same bucket
-    from lifelog_ray.config import load_config
-    from lifelog_ray.extract import run_extract
-    from lifelog_ray.ingest import build_manifest
-
-    local = load_config(config, {"output.study": str(tmp_path / "single"), "ray.address": "local"})
-    build_manifest(local)
-    run_extract(local)
-    for layer in ("flatten", "fc1", "fc2", "predictions"):
-        a, b = features(study, layer, options), features(tmp_path / "single", layer)
-        assert list(a.index) == list(b.index)
-        assert all(np.array_equal(x, y) for x, y in zip(a["features"], b["features"])), layer
-    # the study in the bucket resumes from its own markers: from this machine, nothing is extracted or fitted again
-    from lifelog_ray.pipeline import run_study
-
-    again = {r.stage: r.status for r in run_study(load_config(config, {"ray.address": "local"}), ("extract", "classify"))}
-    assert again == {"extract": "skipped", "classify": "skipped"}, again
-    # the workers scaling back to zero is checked once, at the end of the chain (the bad day, next)
+    # next in the chain: the bad day, on the nodes this left up
 
 
 @pytest.fixture(scope="module")
@@ -324,4 +317,32 @@ def test_a_bad_day_a_gpu_node_lost_mid_extract_behind_a_flaky_object_store(clust
                                    logs[stage])
     assert all(summary.values()), summary
     (tmp_path / "retries.json").write_text(json.dumps({"faults": faults, **{k: m.group(0) for k, m in summary.items()}}))
+
+
+def test_the_recipes_study_equals_a_single_node_run_resumes_from_the_bucket_and_the_workers_go(
+        cluster, s3, lifelog, recipe_dir, tmp_path, ray_local):
+    """The chain's last step, on the recipe's study in the bucket: its features equal a single-node run's bit for
+    bit (the same config on the session's local Ray, images read from the same bucket), the study resumes from
+    its own markers (from this machine, nothing is extracted or fitted again), and every idle worker goes, back
+    to min_workers (0). Run last, while the autoscaler lets the bad day's nodes idle out."""
+    fs, options = s3
+    config = recipe_dir / "cluster-study.yaml"  # the recipe's own file: a copy elsewhere is another config
+    study = f"s3://{BUCKET}/cluster/study"
+    # the same config on one node (the test session's local Ray), images read from the same bucket
+    from lifelog_ray.config import load_config
+    from lifelog_ray.extract import run_extract
+    from lifelog_ray.ingest import build_manifest
+
+    local = load_config(config, {"output.study": str(tmp_path / "single"), "ray.address": "local"})
+    build_manifest(local)
+    run_extract(local)
+    for layer in ("flatten", "fc1", "fc2", "predictions"):
+        a, b = features(study, layer, options), features(tmp_path / "single", layer)
+        assert list(a.index) == list(b.index)
+        assert all(np.array_equal(x, y) for x, y in zip(a["features"], b["features"])), layer
+    # the study in the bucket resumes from its own markers: from this machine, nothing is extracted or fitted again
+    from lifelog_ray.pipeline import run_study
+
+    again = {r.stage: r.status for r in run_study(load_config(config, {"ray.address": "local"}), ("extract", "classify"))}
+    assert again == {"extract": "skipped", "classify": "skipped"}, again
     wait_for_zero_workers(cluster)  # the chain's end: every idle worker goes, back to min_workers (0)

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/publish.py                    # 8 units of 512 images, VGG19's four taps at 224 px
     .venv/bin/python benchmarks/publish.py --units 4 --parts 1
+    .venv/bin/python benchmarks/publish.py --store s3 --units 4   # on an S3 API (moto, in a process of its own)
 
 Each unit is staged as the writers stage it (``--parts`` Parquet parts per layer, float32, the taps' real widths:
 flatten 25,088, fc1 4,096, fc2 4,096, predictions 1,000), then published two ways, on the same files:
@@ -13,17 +14,23 @@ For each: the driver's CPU time per unit (its own cost: the images per second on
 that cost), and the wall time until every unit is published. With tasks the driver keeps at most
 `max_in_flight` publishing tasks running (extract sets 2 per model actor, at least 4; here 4), so when publishing
 falls behind, the driver waits: that wait is back-pressure, not the driver's work, and is not in its CPU time.
-Writes benchmarks/results/publish.json (or --out).
+With `--store s3` the staged parts, the units and the markers live in a bucket of a local S3 server (moto's,
+started as a process of its own, so its CPU is not counted as the driver's): in the driver, every unit's bytes come
+down to the driver and go back up. Writes benchmarks/results/publish.json (or --out; publish_s3.json with s3).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -89,13 +96,47 @@ def in_tasks(model_dir: Path, rows: pd.DataFrame) -> dict:
     return out
 
 
+def staged_mb(model_dir: Path) -> float:
+    return sum(f.stat().st_size for f in storage.files(model_dir / "_staging", (".parquet",))) / 1e6
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[dict]:
+    """moto's S3 server in a process of its own, a bucket `bench`, and the storage options that reach it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        options = {"s3": {"endpoint_url": f"http://127.0.0.1:{port}", "key": "bench", "secret": "bench"}}
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**options["s3"])
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                fs.mkdir("bench")
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.3)
+        yield options
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--units", type=int, default=8)
     ap.add_argument("--unit-size", type=int, default=512)
     ap.add_argument("--parts", type=int, default=2, help="staged parts per unit and layer (batch 32, unit 512: most have 2+)")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "publish.json")
+    ap.add_argument("--store", choices=("local", "s3"), default="local")
+    ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    args.out = args.out or ROOT / "benchmarks" / "results" / ("publish.json" if args.store == "local" else "publish_s3.json")
     import ray
 
     from lifelog_ray.config import RayConfig
@@ -103,15 +144,23 @@ def main() -> None:
 
     ensure_ray(RayConfig(address="local", num_cpus=2, progress_bars=False, log_to_driver=False))
     tmp = Path(tempfile.mkdtemp(prefix="llr-publish-"))
-    try:
+    with contextlib.ExitStack() as stack:  # on the way out: Ray, then the S3 server, then the folder
+        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+        if args.store == "s3":
+            options = stack.enter_context(s3_server())
+            root = storage.to_path("s3://bench/publish", options)
+        else:
+            root = tmp
+        stack.callback(ray.shutdown)
         images = args.units * args.unit_size
-        result: dict = {"units": args.units, "unit_size": args.unit_size, "parts": args.parts, "taps": WIDTHS}
+        result: dict = {"store": args.store, "units": args.units, "unit_size": args.unit_size, "parts": args.parts,
+                        "taps": WIDTHS}
         for how, fn in (("driver", in_driver), ("tasks", in_tasks)):
-            model_dir = tmp / how / "features" / "vgg19"
+            model_dir = root / how / "features" / "vgg19"
             rows = stage_units(model_dir, how, args.units, args.unit_size, args.parts)
-            mb = sum(f.stat().st_size for f in (model_dir / "_staging").rglob("*.parquet")) / 1e6
+            mb = staged_mb(model_dir)
             r = fn(model_dir, rows)
-            markers = len(list((model_dir / "_units").glob("*.json")))
+            markers = len(list(storage.files(model_dir / "_units", (".json",))))
             assert markers == args.units, (how, markers)
             r |= {"staged_mb": round(mb, 1), "driver_cpu_ms_per_unit": 1000 * r["driver_cpu_s"] / args.units,
                   "driver_images_per_cpu_s": images / max(r["driver_cpu_s"], 1e-9)}
@@ -123,9 +172,6 @@ def main() -> None:
         print(f"the driver's CPU per unit: {result['driver_cpu_ratio']:.0f}x less with tasks")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -109,7 +109,10 @@ def describe(holder: dict, now: datetime | None = None) -> str:
 
 def _read(path: Path) -> dict | None:
     try:
-        data = path.read_bytes()
+        # On an object store, one GET of the object as it is now: a heartbeat replaces the lease at any time,
+        # and a file open reads through the size and ETag it found first (or a listing cached), so a read
+        # racing a beat failed (FileExpired / PreconditionFailed) and took a publisher's unit with it.
+        data = path.fs.cat_file(path.path) if storage.is_remote(path) else path.read_bytes()
     except FileNotFoundError:
         return None
     try:

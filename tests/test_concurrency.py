@@ -394,3 +394,22 @@ def test_units_whose_publisher_is_lost_with_its_node_are_published_again(tmp_pat
         got = pd.read_parquet(model_dir / layer)
         assert sorted(got["image_id"]) == sorted(pending["image_id"]) and got["image_id"].is_unique
     assert not list(staging.rglob("*.parquet"))
+
+
+def test_a_lease_replaced_after_its_folder_was_listed_is_read_whole(s3):
+    """A heartbeat replaces the lease object while a publisher checks the run's token (the bad day's run hit it:
+    `FileExpired` on the lease, and the extract failed). The check must read the object as it is now, in one
+    GET, not through a size and ETag that a listing cached before the heartbeat."""
+    import s3fs
+
+    from lifelog_ray.lease import _read, check_token
+
+    _, options = s3
+    key = "lifelog/lease-race/_leases/extract-vgg19.json"
+    path = storage.to_path(f"s3://{key}", options)
+    path.fs.pipe(key, b'{"token": "a"}')
+    path.fs.ls(key.rsplit("/", 1)[0])  # this process's listing caches the object's size and ETag
+    heartbeat = s3fs.S3FileSystem(**options["s3"], skip_instance_cache=True)  # another process's beat
+    heartbeat.pipe(key, b'{"token": "a", "beat": 2}')
+    assert _read(path) == {"token": "a", "beat": 2}
+    check_token(path, "a", "extract")

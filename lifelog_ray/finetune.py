@@ -39,8 +39,10 @@ from .temporal import Smoother, choose, sequences
 log = logging.getLogger(__name__)
 
 HEAD = "predictions_lifelog"
-FAULT_ENV = "LIFELOG_RAY_FAULT_AFTER_EPOCH"  # test hook: a worker raises after this epoch's checkpoint
+FAULT_ENV = "LIFELOG_RAY_FAULT_AFTER_EPOCH"  # test hook: a worker raises after this epoch's checkpoint ("E", or
+# "E:J" for the run's job J, counted from 0 among the jobs it trains), once: not in a resumed job
 WHOLE_VAL = "val_whole"  # the validation split unsplit, for rank 0 to score after training
+RESULTS = "results"  # in a run's folder: each job's tested model and scores, written when the job ends
 
 
 def needs_full_input(method: str) -> bool:
@@ -152,7 +154,7 @@ def _sum_over_workers(strategy, values: list[int]) -> list[int]:
     return [int(v) for v in strategy.reduce("SUM", strategy.run(lambda: tf.identity(local)), axis=None).numpy()]
 
 
-def _inject_fault(epoch: int, run_dir: str, options: dict | None, timeout_s: float = 300.0) -> None:
+def _inject_fault(epoch: int, run_dir: str, options: dict | None, job: int, timeout_s: float = 300.0) -> None:
     """Test hook: crash the worker early in epoch ``epoch + 1``, as a lost node would.
 
     It first waits until the controller has registered epoch ``epoch``'s checkpoint (its snapshot file
@@ -165,7 +167,8 @@ def _inject_fault(epoch: int, run_dir: str, options: dict | None, timeout_s: flo
     while time.monotonic() < deadline:
         try:
             snap = json.loads(snapshot.read_text())
-            if any((r.get("metrics") or {}).get("epoch", 0) >= epoch for r in snap.get("checkpoint_results", [])):
+            if any((r.get("metrics") or {}).get("epoch", 0) >= epoch and (r.get("metrics") or {}).get("job") == job
+                   for r in snap.get("checkpoint_results", [])):
                 break
         except (OSError, ValueError):
             pass  # not written yet, or caught mid-write
@@ -175,8 +178,19 @@ def _inject_fault(epoch: int, run_dir: str, options: dict | None, timeout_s: flo
     raise RuntimeError(f"injected fault in epoch {epoch + 1}, after epoch {epoch}'s checkpoint ({FAULT_ENV})")
 
 
+def _fault_hook() -> list[int] | None:
+    """FAULT_ENV as [epoch, job]."""
+    value = os.environ.get(FAULT_ENV, "")
+    if not value:
+        return None
+    epoch, _, job = value.partition(":")
+    return [int(epoch), int(job or 0)]
+
+
 def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker (tf-keras, MultiWorkerMirroredStrategy)."""
+    """Runs on every Ray Train worker (tf-keras, MultiWorkerMirroredStrategy): the run's jobs (a model and a
+    method each) one after another, in one worker group. A job whose results are written is done: after a
+    failure the run resumes at the job in progress, from its last checkpoint."""
     import ray
     import ray.train
     import tensorflow as tf
@@ -185,39 +199,55 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     f = FinetuneConfig(**config["finetune"])
-    spec = BackboneSpec(**config["spec"])
-    method, classes = config["method"], config["classes"]
-    weights = config["weights"]
-    if weights is not None and type(weights).__name__ == "ObjectRef":
-        weights = ray.get(weights)
+    classes = config["classes"]
+    results = storage.to_path(config["run_dir"], config.get("storage_options")) / RESULTS
+    # Once per process: TensorFlow configures its collectives when the strategy is made. Every job trains under it.
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    keras.utils.set_random_seed(f.seed)  # the new layers start alike in every attempt of the run
-    with strategy.scope():
-        model = build_method_model(keras, spec, method, len(classes), weights, f.m2_trainable_layers, f.m3_units)
-        opt = (keras.optimizers.SGD(learning_rate=f.learning_rate, momentum=f.momentum) if f.optimizer == "sgd"
-               else keras.optimizers.Adam(learning_rate=f.learning_rate))
-        model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        opt.build(model.trainable_variables)  # its state exists now, so a checkpoint can restore it by name
-    work = Path(tempfile.mkdtemp(prefix="lifelog-ft-"))  # the best epoch's weights: removed when the loop ends
-    try:
-        _train_and_test(config, ctx, rank, f, spec, method, classes, weights, strategy, model, opt, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)  # ~100 MB a run (M1, 32 px): never left on a node's disk
+    ckpt = ray.train.get_checkpoint()
+    in_progress = None  # the job the last checkpoint belongs to
+    if ckpt:
+        with ckpt.as_directory() as d:
+            saved = checkpoints.read_state(Path(d))
+        # a checkpoint from before runs held several jobs names none: it is the one job's of its run
+        in_progress = saved.get("job", config["jobs"][0]["key"] if len(config["jobs"]) == 1 else None)
+    for index, job in enumerate(config["jobs"]):
+        if (results / job["key"] / checkpoints.STATE).exists():
+            continue  # trained and tested before a failure; its results are written
+        spec = BackboneSpec(**job["spec"])
+        weights = job["weights"]
+        if weights is not None and type(weights).__name__ == "ObjectRef":
+            weights = ray.get(weights)
+        keras.utils.set_random_seed(f.seed)  # the new layers start alike in every attempt of the run
+        with strategy.scope():
+            model = build_method_model(keras, spec, job["method"], len(classes), weights, f.m2_trainable_layers,
+                                       f.m3_units)
+            opt = (keras.optimizers.SGD(learning_rate=f.learning_rate, momentum=f.momentum) if f.optimizer == "sgd"
+                   else keras.optimizers.Adam(learning_rate=f.learning_rate))
+            model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+            opt.build(model.trainable_variables)  # its state exists now, so a checkpoint can restore it by name
+        work = Path(tempfile.mkdtemp(prefix="lifelog-ft-"))  # the best epoch's weights: removed when the job ends
+        try:
+            _train_and_test(config, job, index, ctx, rank, f, spec, classes, weights, strategy, model, opt, work,
+                            ckpt if in_progress == job["key"] else None, results / job["key"])
+        finally:
+            shutil.rmtree(work, ignore_errors=True)  # ~100 MB a run (M1, 32 px): never left on a node's disk
+        del model, opt
 
 
-def _train_and_test(config: dict, ctx: Any, rank: int, f: FinetuneConfig, spec: BackboneSpec, method: str,
-                    classes: list[str], weights: Any, strategy: Any, model: Any, opt: Any, work: Path) -> None:
+def _train_and_test(config: dict, job: dict, index: int, ctx: Any, rank: int, f: FinetuneConfig, spec: BackboneSpec,
+                    classes: list[str], weights: Any, strategy: Any, model: Any, opt: Any, work: Path, ckpt: Any,
+                    results: Path) -> None:
     import ray.train
     import tensorflow as tf
     from ray.train import Checkpoint
 
     keras = legacy_keras_module()
+    method = job["method"]
     monitor = f.early_stopping_metric
     lower_is_better = "loss" in monitor
-    state = {"checkpoint_format": checkpoints.FORMAT, "epoch": 0, "history": [], "best": None, "best_epoch": None,
-             "wait": 0, "stopped": False, "resumed_at": [], "restores": []}
+    state = {"checkpoint_format": checkpoints.FORMAT, "job": job["key"], "epoch": 0, "history": [], "best": None,
+             "best_epoch": None, "wait": 0, "stopped": False, "resumed_at": [], "restores": []}
     best_file = work / checkpoints.BEST
-    ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             saved = checkpoints.read_state(Path(d))
@@ -240,8 +270,8 @@ def _train_and_test(config: dict, ctx: Any, rank: int, f: FinetuneConfig, spec: 
     for epoch in range(state["epoch"], f.epochs):
         if state["stopped"]:
             break
-        if config.get("fault_after_epoch") == epoch and not state["resumed_at"]:
-            _inject_fault(epoch, config["run_dir"], config.get("storage_options"))
+        if config.get("fault_after_epoch") == [epoch, index] and not state["resumed_at"]:
+            _inject_fault(epoch, config["run_dir"], config.get("storage_options"), index)
         t0 = time.perf_counter()
         train_tf = replica_batches(strategy, train_shard, keras, spec.model, f.batch_size, f.seed + epoch,
                                    f.image_size)
@@ -272,10 +302,12 @@ def _train_and_test(config: dict, ctx: Any, rank: int, f: FinetuneConfig, spec: 
                 if best_file.exists():
                     shutil.copy(best_file, Path(d) / checkpoints.BEST)
                 (Path(d) / checkpoints.STATE).write_text(json.dumps(state))
-            ray.train.report(m, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
+            # the job's index too: the driver's progress line names the job by it
+            ray.train.report({**m, "job": index},
+                             checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
     if rank != 0:
-        # ray.train.report is a barrier across the group: every rank reports, rank 0 with the results.
-        ray.train.report({"final": 1.0}, checkpoint=None)
+        # ray.train.report is a barrier across the group: every rank reports, rank 0 once its results are written.
+        ray.train.report({"job_done": index}, checkpoint=None)
         return
     # Test once, with the best epoch's weights, on a plain (non-distributed) copy of the model.
     plain = build_method_model(keras, spec, method, len(classes), weights, f.m2_trainable_layers, f.m3_units)
@@ -292,12 +324,16 @@ def _train_and_test(config: dict, ctx: Any, rank: int, f: FinetuneConfig, spec: 
         return {"y_true": np.concatenate(y_true), "y_pred": np.argmax(proba_, axis=1), "proba": proba_,
                 "image_id": np.concatenate(ids).astype(str)}
 
+    # The job's results, beside the run's checkpoints (shared storage, as Ray Train's own), its state last: once
+    # that is there the job is done, and a resumed run goes on with the next one.
     with tempfile.TemporaryDirectory() as d:
         plain.save(str(Path(d) / "model.keras"))
         np.savez(Path(d) / "test.npz", **scored("test"))
         np.savez(Path(d) / "val.npz", **scored(WHOLE_VAL))  # to choose a temporal smoother on
-        (Path(d) / checkpoints.STATE).write_text(json.dumps({**state, "final": True}))
-        ray.train.report({"final": 1.0}, checkpoint=Checkpoint.from_directory(d))
+        for name in ("model.keras", "test.npz", "val.npz"):
+            storage.write_bytes_atomic((Path(d) / name).read_bytes(), results / name)
+    storage.write_text_atomic(json.dumps({**state, "final": True}), results / checkpoints.STATE)
+    ray.train.report({"job_done": index}, checkpoint=None)
 
 
 def smooth_on_validation(manifest: pd.DataFrame, method: str, max_gap_s: float, val: dict, test: dict
@@ -429,9 +465,10 @@ def export_keras3(model: Any, spec: BackboneSpec, method: str, n_classes: int, f
 
 
 @contextlib.contextmanager
-def _epoch_progress(run_dir: str, options: dict | None, label: str, epochs: int) -> Iterator[None]:
+def _epoch_progress(run_dir: str, options: dict | None, labels: list[str], epochs: int) -> Iterator[None]:
     """Report finished epochs while Ray Train runs: the controller names each registered checkpoint,
-    with its epoch, in the run's snapshot file (the driver has no other view into a running fit)."""
+    with its epoch and its job's index, in the run's snapshot file (the driver has no other view into a
+    running fit). ``labels``: the progress line of each job of the run."""
     snapshot = storage.to_path(run_dir, options) / "checkpoint_manager_snapshot.json"
     stop = threading.Event()
 
@@ -439,13 +476,13 @@ def _epoch_progress(run_dir: str, options: dict | None, label: str, epochs: int)
         last = None
         while True:
             try:
-                latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-                epoch = max(last or 0, int((latest.get("metrics") or {}).get("epoch", 0)))  # the final report has none
+                metrics = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("metrics") or {}
+                now = (int(metrics.get("job", 0)), int(metrics.get("epoch", 0)))
             except (OSError, ValueError):
-                epoch = last or 0  # not written yet, or caught mid-write
-            if epoch != last:
-                last = epoch
-                progress.report(label, min(epoch, epochs), epochs, "epochs")
+                now = None  # not written yet, or caught mid-write
+            if now is not None and now != last and now[0] < len(labels):
+                last = now
+                progress.report(labels[now[0]], min(now[1], epochs), epochs, "epochs")
             if stop.wait(1.0):
                 return
 
@@ -474,10 +511,45 @@ UNUSED = "unused"  # the split value of train images a subset run leaves out
 def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFrame, classes: list[str],
                  weights: list[np.ndarray], train_ids: set[str] | None = None, seed: int | None = None,
                  out: Path | None = None, ray_dir: Path | None = None, light: bool = False) -> FinetuneRun:
-    """One fine-tuning run, skipped when its metrics.json is current, resumed from its last checkpoint when it
-    was interrupted. ``train_ids``: train on these images of the train split only (the data-availability
-    curve); validation and test stay whole. ``seed`` replaces finetune.seed; ``out`` and ``ray_dir`` the run's
-    folders; ``light`` keeps the scores and the history, not the model files."""
+    """One fine-tuning run (finetune_runs with one job): ``out`` is its folder."""
+    return finetune_runs(cfg, [(model, method, weights)], manifest, classes, train_ids, seed,
+                         [out] if out is not None else None, ray_dir, light)[0]
+
+
+@dataclass
+class _Job:
+    index: int  # in the plan
+    model: str
+    method: str
+    weights: list[np.ndarray]
+    out: Path
+    sig: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}-{self.method}-{self.sig}"
+
+
+def _run_name(jobs: list[_Job]) -> str:
+    """The Ray Train run's name, from every job of the plan (those already done too): a rerun of the same
+    plan finds the same run and resumes it. One job keeps the name it always had."""
+    if len(jobs) == 1:
+        return jobs[0].key
+    models = "+".join(dict.fromkeys(j.model for j in jobs))
+    methods = "+".join(dict.fromkeys(j.method for j in jobs))
+    return f"{models}-{methods}-{hashlib.sha1(' '.join(j.sig for j in jobs).encode()).hexdigest()[:12]}"
+
+
+def finetune_runs(cfg: StudyConfig, plan: list[tuple[str, str, list[np.ndarray]]], manifest: pd.DataFrame,
+                  classes: list[str], train_ids: set[str] | None = None, seed: int | None = None,
+                  outs: list[Path] | None = None, ray_dir: Path | None = None, light: bool = False) -> list[FinetuneRun]:
+    """Fine-tune each (model, method, weights) of ``plan``, all in one Ray Train run: one worker group, its
+    TensorFlow and its data pipelines started once, the jobs trained one after another. A job whose
+    metrics.json is current is skipped; an interrupted run resumes at the job in progress, from its last
+    checkpoint, and the jobs it finished are not trained again. ``train_ids``: train on these images of the
+    train split only (the data-availability curve); validation and test stay whole. ``seed`` replaces
+    finetune.seed; ``outs`` and ``ray_dir`` the jobs' and the run's folders; ``light`` keeps the scores and
+    the history, not the model files."""
     import ray
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
@@ -486,19 +558,23 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
 
     f = cfg.finetune if seed is None else cfg.finetune.model_copy(update={"seed": seed})
     study = cfg.study_dir
-    out = out or study / "finetune" / model / run_dir_name(method, f.protocol)
     col = split_column(f)
     if train_ids is not None:  # the left-out train images get a split of their own: no dataset reads them
         manifest = manifest.copy()
         manifest.loc[(manifest[col] == "train") & ~manifest["image_id"].astype(str).isin(train_ids), col] = UNUSED
-    sig = _signature(f, model, method, manifest)
-    done = out / "metrics.json"
-    if done.exists() and json.loads(done.read_text()).get("signature") == sig:
-        m = json.loads(done.read_text())
-        return FinetuneRun(model, method, out, m["epochs"], m["best_epoch"], m["resumed_at"], True, m["scores"],
-                           f.protocol)
-    # Weights travel as arrays; the spec only shapes the model (hence "none" here).
-    spec = BackboneSpec(model, ("fc2",), "none", f.image_size, f.seed, "float32")
+    jobs = [_Job(i, model, method, w, (outs[i] if outs else None) or
+                 study / "finetune" / model / run_dir_name(method, f.protocol), _signature(f, model, method, manifest))
+            for i, (model, method, w) in enumerate(plan)]
+    runs: dict[int, FinetuneRun] = {}
+    for job in jobs:
+        done = job.out / "metrics.json"
+        if done.exists() and json.loads(done.read_text()).get("signature") == job.sig:
+            m = json.loads(done.read_text())
+            runs[job.index] = FinetuneRun(job.model, job.method, job.out, m["epochs"], m["best_epoch"], m["resumed_at"],
+                                          True, m["scores"], f.protocol)
+    todo = [j for j in jobs if j.index not in runs]
+    if not todo:
+        return [runs[j.index] for j in jobs]
     max_px, opts = cfg.extract.max_image_pixels, cfg.storage.options
     datasets = {
         s: image_dataset(manifest[manifest[col] == s], classes, f.image_size, max_px, f.batch_size, f.seed,
@@ -508,20 +584,27 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
     datasets[WHOLE_VAL] = image_dataset(manifest[manifest[col] == "val"], classes, f.image_size, max_px, f.batch_size,
                                         f.seed, shuffle=False, jpeg_draft=cfg.extract.jpeg_draft, options=opts)
     # Checkpoints live with the study: on a multi-node cluster that must be S3/GCS or a shared filesystem.
-    name = f"{model}-{method}-{sig}"
+    name = _run_name(jobs)
     ray_dir = ray_dir or study / "finetune" / "_ray"
     refuse_old_checkpoints(ray_dir / name)
     ray_fs, ray_path = storage.arrow_filesystem(ray_dir)
     if ray_fs is None:
         ray_path = str(Path(ray_path).resolve())
     run_dir = str(ray_dir / name) if storage.is_remote(study) else str(Path(ray_path) / name)
+    refs: dict[int, Any] = {}  # each distinct weight list once in the object store
+    for j in todo:
+        if id(j.weights) not in refs:
+            refs[id(j.weights)] = ray.put(j.weights)
+    # Weights travel as arrays; the spec only shapes the model (hence "none" here).
+    specs = {j.index: BackboneSpec(j.model, ("fc2",), "none", f.image_size, f.seed, "float32") for j in todo}
     trainer = TensorflowTrainer(
         train_loop_per_worker, tensorflow_config=TFConfig(),
-        train_loop_config={"finetune": f.model_dump(), "spec": asdict(spec), "method": method, "classes": classes,
-                           "weights": ray.put(weights), "n_train": int((manifest[col] == "train").sum()),
-                           "n_val": int((manifest[col] == "val").sum()),
-                           "fault_after_epoch": int(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None,
-                           "run_dir": run_dir, "storage_options": cfg.storage.options},
+        train_loop_config={"finetune": f.model_dump(), "classes": classes,
+                           "jobs": [{"key": j.key, "method": j.method, "spec": asdict(specs[j.index]),
+                                     "weights": refs[id(j.weights)]} for j in todo],
+                           "n_train": int((manifest[col] == "train").sum()), "n_val": int((manifest[col] == "val").sum()),
+                           "fault_after_epoch": _fault_hook(), "run_dir": run_dir,
+                           "storage_options": cfg.storage.options},
         scaling_config=ray.train.ScalingConfig(
             num_workers=f.workers, use_gpu=f.gpus_per_worker > 0,
             resources_per_worker={"CPU": f.cpus_per_worker, **({"GPU": f.gpus_per_worker} if f.gpus_per_worker else {})}),
@@ -533,24 +616,38 @@ def finetune_one(cfg: StudyConfig, model: str, method: str, manifest: pd.DataFra
         dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"]),
     )
     worker = {"CPU": f.cpus_per_worker, **({"GPU": f.gpus_per_worker} if f.gpus_per_worker else {})}
-    with placement.reserve([worker] * f.workers, f"finetune {model}/{method}"), \
-            _epoch_progress(run_dir, cfg.storage.options, f"finetune {model}/{method}", f.epochs):
-        result = trainer.fit()
-    with result.checkpoint.as_directory() as d:
-        d = Path(d)
-        state = json.loads((d / "state.json").read_text())
-        if not state.get("final"):
-            raise LifelogError(f"fine-tuning {model}/{method} ended without its final checkpoint")
-        model_sha256 = hashlib.sha256((d / "model.keras").read_bytes()).hexdigest()
-        if not light:
-            storage.write_bytes_atomic((d / "model.keras").read_bytes(), out / "model.keras")
-            trained = legacy_keras_module().models.load_model(str(d / "model.keras"), compile=False)
-            export_keras3(trained, spec, method, len(classes), f, out / KERAS3_FILE)
-            del trained
-        with np.load(d / "test.npz", allow_pickle=False) as z:
-            test = {k: z[k] for k in z.files}
-        with np.load(d / "val.npz", allow_pickle=False) as z:
-            val = {k: z[k] for k in z.files}
+    labels = [f"finetune {j.model}/{j.method}" for j in todo]
+    with placement.reserve([worker] * f.workers, ", ".join(labels)), \
+            _epoch_progress(run_dir, cfg.storage.options, labels, f.epochs):
+        trainer.fit()
+    for j in todo:
+        results = storage.to_path(run_dir, opts) / RESULTS / j.key
+        if not (results / checkpoints.STATE).exists():
+            raise LifelogError(f"fine-tuning {j.model}/{j.method} ended without its results ({results})")
+        with storage.local_copy(results) as d:
+            runs[j.index] = _finish_job(cfg, f, j, specs[j.index], Path(d), manifest, classes, col, light)
+    return [runs[j.index] for j in jobs]
+
+
+def _finish_job(cfg: StudyConfig, f: FinetuneConfig, job: _Job, spec: BackboneSpec, d: Path, manifest: pd.DataFrame,
+                classes: list[str], col: str, light: bool) -> FinetuneRun:
+    """A trained job's results (``d``: its tested model, scores and state) -> the run's folder: the model and its
+    Keras 3 export, history, curves, confusion, predictions, and metrics.json last (it marks the run complete)."""
+    model, method, out = job.model, job.method, job.out
+    state = json.loads((d / checkpoints.STATE).read_text())
+    if not state.get("final"):
+        raise LifelogError(f"fine-tuning {model}/{method} ended without its final results")
+    model_sha256 = hashlib.sha256((d / "model.keras").read_bytes()).hexdigest()
+    if not light:
+        storage.write_bytes_atomic((d / "model.keras").read_bytes(), out / "model.keras")
+        trained = legacy_keras_module().models.load_model(str(d / "model.keras"), compile=False)
+        export_keras3(trained, spec, method, len(classes), f, out / KERAS3_FILE)
+        del trained
+    with np.load(d / "test.npz", allow_pickle=False) as z:
+        test = {k: z[k] for k in z.files}
+    with np.load(d / "val.npz", allow_pickle=False) as z:
+        val = {k: z[k] for k in z.files}
+    sig, done = job.sig, out / "metrics.json"
     y_true, y_pred, ids = test["y_true"], test["y_pred"], test["image_id"]
     smoother, smoothed = smooth_on_validation(manifest, cfg.classify.temporal, cfg.classify.temporal_max_gap_s,
                                               val, test)
@@ -633,7 +730,7 @@ def run_finetune(cfg: StudyConfig) -> list[FinetuneRun]:
     worker = {"CPU": f.cpus_per_worker, **({"GPU": f.gpus_per_worker} if f.gpus_per_worker else {})}
     placement.check_capacity(shape, worker, f.workers, "finetune", spare_cpus=0.5)
     log.info("finetune: %d worker(s) of %s on the %s", f.workers, worker, shape.describe())
-    runs = [finetune_one(cfg, model, method, manifest, classes, w) for model, method, w in plan]
+    runs = finetune_runs(cfg, plan, manifest, classes)  # every model and method in one Ray Train run
     md, df = table4(runs)
     storage.write_text_atomic(md, study / "finetune" / "table4.md")
     storage.write_text_atomic(df.to_csv(index=False), study / "finetune" / "table4.csv")

@@ -150,17 +150,21 @@ def test_interrupted_run_resumes_from_checkpoint(small_study, ray_local, monkeyp
 
 @pytest.mark.slow  # fine-tuning restore guarantees (issue 11): two workers, a failure and its retry
 def test_worker_failure_is_retried_within_the_run_and_two_workers(small_study, ray_local, monkeypatch):
-    """A run resumes on two workers after a worker fails, each rank verifying its restore by name.
+    """A run resumes on two workers after a worker fails, each rank verifying its restore by name; a study's
+    methods train in one Ray Train run, and the retry does not train again the one that had finished.
 
-    One method: the retry, the restore and its verification are the same code for M1, M2 and M3, and
-    each method's restore by name is checked exactly in test_checkpoints.py (M2, which restores the most, runs
-    through Ray Train in both recipes). M3 keeps the checkpoints small (M2's are ~300 MB an epoch at 32 px,
-    written and read on 2 shared cores), and its frozen base and new top are both verified. The data gives each worker
-    a last batch shorter than half the global batch: the case in which TensorFlow's rebatching used to
-    hand one replica an empty batch, which oneDNN's fused convolution turns into "input depth must be
-    evenly divisible by filter depth: 3 vs 64"."""
+    M1 then M3, and the failure in M3, after its epoch 1: the retry's new worker group must skip M1 (its results
+    are written) and resume M3 from its checkpoint. The retry, the restore and its verification are the same
+    code for M1, M2 and M3, and each method's restore by name is checked exactly in test_checkpoints.py (M2,
+    which restores the most, runs through Ray Train in both recipes). M3 keeps the checkpoints small (M2's are
+    ~300 MB an epoch at 32 px, written and read on 2 shared cores), and its frozen base and new top are both
+    verified. The data gives each worker a last batch shorter than half the global batch: the case in which
+    TensorFlow's rebatching used to hand one replica an empty batch, which oneDNN's fused convolution turns into
+    "input depth must be evenly divisible by filter depth: 3 vs 64"."""
+    from lifelog_ray.finetune import RESULTS
+
     cfg = small_study.model_copy(deep=True)
-    cfg.finetune.methods = ["m3"]
+    cfg.finetune.methods = ["m1", "m3"]
     cfg.finetune.epochs = 2
     cfg.finetune.workers = 2
     cfg.finetune.cpus_per_worker = 0.5  # two workers on 2 cores, with room left for decoding
@@ -169,12 +173,23 @@ def test_worker_failure_is_retried_within_the_run_and_two_workers(small_study, r
     build_manifest(cfg)
     n_train = int((pd.read_parquet(cfg.study_dir / "manifest.parquet")["split"] == "train").sum())
     assert all(1 <= (n // 2) % 16 <= 8 for n in range(n_train - 3, n_train + 1))  # minus undecodable files
-    monkeypatch.setenv(FAULT_ENV, "1")
-    (run,) = run_finetune(cfg)
-    assert run.method == "m3" and run.resumed_at == [1] and run.epochs == 2
-    restores = json.loads((run.output / "metrics.json").read_text())["restores"]
+    monkeypatch.setenv(FAULT_ENV, "1:1")  # after epoch 1 of the run's second job, M3
+    m1, m3 = run_finetune(cfg)
+    assert (m1.method, m3.method) == ("m1", "m3") and not m1.skipped and not m3.skipped
+    assert m3.resumed_at == [1] and m3.epochs == 2
+    assert m1.resumed_at == [] and m1.epochs == 2
+    restores = json.loads((m3.output / "metrics.json").read_text())["restores"]
     # both ranks verified: 32 frozen weights (2 per conv layer), 4 trainable (the new dense layer and the head)
     assert [(x["workers_verified"], x["frozen"], x["trainable"]) for x in restores] == [(2, 32, 4)], restores
+    # one Ray Train run for both methods; M1's results were written before M3's first checkpoint and not again
+    (run_dir,) = (cfg.study_dir / "finetune" / "_ray").iterdir()
+    m1_done = next((run_dir / RESULTS).glob("vgg19-m1-*/state.json")).stat().st_mtime
+    m3_done = next((run_dir / RESULTS).glob("vgg19-m3-*/state.json")).stat().st_mtime
+    m3_epochs = [p.stat().st_mtime for p in run_dir.glob("checkpoint_*/state.json")
+                 if json.loads(p.read_text())["job"].startswith("vgg19-m3-")]
+    assert m3_epochs and m1_done < min(m3_epochs) <= m3_done
+    t4 = pd.read_csv(cfg.study_dir / "finetune" / "table4.csv")
+    assert t4["method"].tolist() == ["M1", "M3"]
 
 
 @pytest.mark.slow  # one Ray Train run of 12 epochs (M1), M2 and M3 in this process (~1.5 min on 2 cores)

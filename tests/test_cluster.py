@@ -31,7 +31,7 @@ BUCKET = "lifelog"
 # Our tasks and actors (Ray Data stages, Ray Train workers, Tune trials, the decode probe): none may run on the head.
 OURS = ("decode_batch", "read_batch", "FeatureExtractor", "ShardWriter", "PipelineClassifier", "FinetunedClassifier",
         "PredictionWriter", "_keep_decoded", "probe", "RayTrainWorker", "ImplicitFunc", "_refit_remote", "_trial", "publish_unit",
-        "UnitPublisher")
+        "UnitPublisher", "_prepare_set")
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +175,9 @@ def test_the_cloud_recipe_runs_on_an_autoscaling_cluster(cluster, s3, lifelog, l
     trials = [a for a in actors if "ImplicitFunc" in a["class_name"]]
     names = sorted({a["class_name"] for a in actors})
     assert trained and trials, names
+    # each feature set was read and PCA-reduced by a task on a worker node, not in the driver
+    prepared = [t for t in tasks if "_prepare_set" in (t.get("name") or "")]
+    assert prepared and all(t.get("node_id") != head for t in prepared), prepared
     assert all(a["node_id"] != head for a in trained + trials), [(a["class_name"], a["node_id"]) for a in trained + trials]
     # finetune.gpus_per_worker 1: through its placement group (GPU_group_<id>), on a GPU node
     gpu_trained = [a for a in trained if any(k.startswith("GPU") for k in a["required_resources"])]

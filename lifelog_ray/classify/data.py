@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,11 @@ class FeatureSet:
     @property
     def n_components(self) -> int:
         return self.X["train"].shape[1]
+
+    def light(self) -> FeatureSet:
+        """This set without its feature rows (each split's matrix kept as 0 rows of its width): what the driver
+        needs to plan the trials and write the results (labels, ids, classes, the fitted PCA)."""
+        return replace(self, X={s: np.empty((0, v.shape[1]), np.float32) for s, v in self.X.items()})
 
 
 def discover(study: Path, models: list[str] | None, layers: list[str] | None) -> list[tuple[str, str]]:

@@ -29,18 +29,25 @@ def evaluate_point(fs: FeatureSet, spec: ClassifierSpec, params: dict[str, Any],
     return out
 
 
-def _trial(config: dict, sets: dict[str, FeatureSet]) -> None:
+def _trial(config: dict, sets: dict[str, Any]) -> None:
+    """One grid point. ``sets``: each feature set, or the reference to it in Ray's object store (classify's: a
+    trial then fetches its own set only, from the worker that prepared it, never every set)."""
+    import ray
     from ray import tune
 
     t = config["trial"]
     spec = ClassifierSpec(**t["spec"])
-    tune.report(evaluate_point(sets[t["set"]], spec, t["params"], t["seed"], t["n_jobs"]))
+    fs = sets[t["set"]]
+    if isinstance(fs, ray.ObjectRef):
+        fs = ray.get(fs)
+    tune.report(evaluate_point(fs, spec, t["params"], t["seed"], t["n_jobs"]))
 
 
 def run_search(
-    sets: dict[str, FeatureSet], points: list[dict], storage: Path, cpus_per_trial: float, name: str = "search"
+    sets: dict[str, Any], points: list[dict], storage: Path, cpus_per_trial: float, name: str = "search"
 ) -> list[dict]:
-    """Run every point as a Tune trial; return one record per point (metrics, or the error and status)."""
+    """Run every point as a Tune trial; return one record per point (metrics, or the error and status).
+    ``sets``: feature sets (FeatureSet) or references to them (ray.ObjectRef) by name."""
     from ray import tune
 
     if not points:

@@ -245,11 +245,16 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
         log.info("classify: results are current (signature %s), skipping", sig)
         return ClassifyResult(storage.read_parquet(out / "trials.parquet"), storage.read_parquet(out / "results.parquet"),
                               out, 0.0, skipped=True)
-    pca = c.pca  # parsed and checked by the config
-    # One feature set per protocol and (model, layer): PCA is fitted on that protocol's train split.
-    sets = {f"{proto}:{m}/{la}": load_feature_set(study, m, la, pca, c.pca_solver, c.seed,
-                                                   splits=days if proto == "day" else None)
+    ensure_ray(cfg.ray)
+    # One feature set per protocol and (model, layer), PCA fitted on that protocol's train split: each read,
+    # fitted and reduced by a Ray task on a worker, where the trials use it. The driver gets each set without
+    # its feature rows (labels, ids, the PCA); a trial fetches its own set only.
+    prepare = ray.remote(num_cpus=1, num_returns=2, max_retries=1)(_prepare_set)
+    refs = {f"{proto}:{m}/{la}": prepare.remote(study, m, la, c.pca, c.pca_solver, c.seed,
+                                                days if proto == "day" else None)
             for proto in protocols for m, la in pairs}
+    full = {k: whole for k, (whole, _) in refs.items()}
+    sets = dict(zip(refs, _get([light for _, light in refs.values()])))
     n_jobs = max(1, int(c.cpus_per_trial))
     points, dist_points = [], []
     for key, fs in sets.items():
@@ -260,14 +265,16 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
                      "index": i, "point": f"{key}/{spec.name}/{i}", "params": params, "spec": asdict(spec),
                      "seed": c.seed, "n_jobs": n_jobs}
                 (dist_points if _use_distributed(cfg, spec, fs) else points).append(p)
-    ensure_ray(cfg.ray)
     out.mkdir(parents=True, exist_ok=True)
     with storage.scratch_dir(out / "tune") as tune_dir:  # Tune's own state: local scratch for a remote study
-        records = {r["point"]: r for r in run_search(sets, points, tune_dir, c.cpus_per_trial)}
+        records = {r["point"]: r for r in run_search(full, points, tune_dir, c.cpus_per_trial)}
+    whole: dict[str, FeatureSet] = {}  # the sets distributed XGBoost's driver-side fit needs whole
     for p in dist_points:  # each a Ray Train run: data-parallel XGBoost for feature sets too big for one worker
         from .xgb_dist import fit_distributed, predict_booster
 
-        fs, spec = sets[p["set"]], ClassifierSpec(**p["spec"])
+        if p["set"] not in whole:
+            whole[p["set"]] = _get(full[p["set"]])
+        fs, spec = whole[p["set"]], ClassifierSpec(**p["spec"])
         try:
             t1 = time.perf_counter()
             b = fit_distributed(fs.X["train"], fs.y["train"], p["params"], len(fs.classes), c.xgboost_workers,
@@ -296,7 +303,6 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
     best = (ok.sort_values([metric, "point_index"], ascending=[False, True])
               .groupby(["protocol", "model", "layer", "classifier"], sort=False).head(1))
     spec_by_name = {s.name: s for s in specs}
-    sets_ref = {k: ray.put(v) for k, v in sets.items()}
     remote = ray.remote(num_cpus=c.cpus_per_trial)(_refit_remote)
     jobs = []
     for _, b in best.iterrows():
@@ -304,10 +310,12 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
         spec, params = spec_by_name[b["classifier"]], json.loads(b["params"])
         distributed = _use_distributed(cfg, spec, sets[key])
         if distributed:
-            jobs.append((b, spec, params, refit_and_test(sets[key], spec, params, c.refit_on, c.seed, n_jobs,
+            if key not in whole:
+                whole[key] = _get(full[key])
+            jobs.append((b, spec, params, refit_and_test(whole[key], spec, params, c.refit_on, c.seed, n_jobs,
                                                          True, c.xgboost_workers)))
         else:
-            jobs.append((b, spec, params, remote.remote(sets_ref[key], spec, params, c.refit_on, c.seed, n_jobs)))
+            jobs.append((b, spec, params, remote.remote(full[key], spec, params, c.refit_on, c.seed, n_jobs)))
     times = manifest_times(study) if c.temporal != "none" else None
     result_rows, pred_frames = [], []
     for b, spec, params, job in jobs:
@@ -359,6 +367,28 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
     write_resolved(cfg, out)
     storage.write_text_atomic(json.dumps({"signature": sig, "finished": time.time()}), done)  # last: marks complete
     return ClassifyResult(trials, results, out, time.perf_counter() - t0)
+
+
+def _prepare_set(study: Path, model: str, layer: str, pca: float | int | None, solver: str, seed: int,
+                 splits: dict[str, str] | None) -> tuple[FeatureSet, FeatureSet]:
+    """A Ray task: one feature set read, PCA-fitted and reduced on a worker. Returns the set (kept in that
+    worker's object store for the trials and the refit) and its copy without feature rows (for the driver)."""
+    fs = load_feature_set(study, model, layer, pca, solver, seed, splits=splits)
+    return fs, fs.light()
+
+
+def _get(refs: Any) -> Any:
+    """ray.get, with a task's own one-line error (a LifelogError: an empty split, a study being written) raised
+    as itself, not wrapped in Ray's traceback."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, LifelogError):
+            raise LifelogError(str(cause)) from None
+        raise
 
 
 def _refit_remote(fs: FeatureSet, spec: ClassifierSpec, params: dict, refit_on: str, seed: int, n_jobs: int) -> dict:

@@ -109,10 +109,7 @@ def describe(holder: dict, now: datetime | None = None) -> str:
 
 def _read(path: Path) -> dict | None:
     try:
-        # On an object store, one GET of the object as it is now: a heartbeat replaces the lease at any time,
-        # and a file open reads through the size and ETag it found first (or a listing cached), so a read
-        # racing a beat failed (FileExpired / PreconditionFailed) and took a publisher's unit with it.
-        data = path.fs.cat_file(path.path) if storage.is_remote(path) else path.read_bytes()
+        data = storage.read_current(path)  # a heartbeat replaces the lease at any time
     except FileNotFoundError:
         return None
     try:

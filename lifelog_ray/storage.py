@@ -89,6 +89,13 @@ def read_bytes(path: str, options: Options | None = None) -> bytes:
         return f.read()
 
 
+def read_current(p: Path) -> bytes:
+    """A file another process rewrites in place (a lease, a run's state), as it is now. On an object store that
+    is one GET: a file open reads through the size and ETag it found first (or a listing cached), so a read
+    racing a rewrite fails (FileExpired / PreconditionFailed)."""
+    return p.fs.cat_file(p.path) if is_remote(p) else p.read_bytes()
+
+
 def read_each(paths: list[str], options: Options | None = None) -> list[bytes | OSError]:
     """The bytes of each path, or the error that kept it from being read (per file, never raised). URIs are
     fetched concurrently, one batch of GETs per filesystem: a batch of images on S3 costs about one round

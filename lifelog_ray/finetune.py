@@ -328,9 +328,13 @@ def _train_and_test(config: dict, job: dict, index: int, ctx: Any, rank: int, f:
     # that is there the job is done, and a resumed run goes on with the next one.
     with tempfile.TemporaryDirectory() as d:
         plain.save(str(Path(d) / "model.keras"))
+        names = ["model.keras", "test.npz", "val.npz"]
+        if not config.get("light"):  # the Keras 3 copy, from the weights in memory (the driver would load the file)
+            export_keras3(plain, spec, method, len(classes), f, Path(d) / KERAS3_FILE)
+            names.append(KERAS3_FILE)
         np.savez(Path(d) / "test.npz", **scored("test"))
         np.savez(Path(d) / "val.npz", **scored(WHOLE_VAL))  # to choose a temporal smoother on
-        for name in ("model.keras", "test.npz", "val.npz"):
+        for name in names:
             storage.write_bytes_atomic((Path(d) / name).read_bytes(), results / name)
     storage.write_text_atomic(json.dumps({**state, "final": True}), results / checkpoints.STATE)
     ray.train.report({"job_done": index}, checkpoint=None)
@@ -603,7 +607,7 @@ def finetune_runs(cfg: StudyConfig, plan: list[tuple[str, str, list[np.ndarray]]
                            "jobs": [{"key": j.key, "method": j.method, "spec": asdict(specs[j.index]),
                                      "weights": refs[id(j.weights)]} for j in todo],
                            "n_train": int((manifest[col] == "train").sum()), "n_val": int((manifest[col] == "val").sum()),
-                           "fault_after_epoch": _fault_hook(), "run_dir": run_dir,
+                           "fault_after_epoch": _fault_hook(), "run_dir": run_dir, "light": light,
                            "storage_options": cfg.storage.options},
         scaling_config=ray.train.ScalingConfig(
             num_workers=f.workers, use_gpu=f.gpus_per_worker > 0,
@@ -637,12 +641,17 @@ def _finish_job(cfg: StudyConfig, f: FinetuneConfig, job: _Job, spec: BackboneSp
     state = json.loads((d / checkpoints.STATE).read_text())
     if not state.get("final"):
         raise LifelogError(f"fine-tuning {model}/{method} ended without its final results")
-    model_sha256 = hashlib.sha256((d / "model.keras").read_bytes()).hexdigest()
+    data = (d / "model.keras").read_bytes()
+    model_sha256 = hashlib.sha256(data).hexdigest()
     if not light:
-        storage.write_bytes_atomic((d / "model.keras").read_bytes(), out / "model.keras")
-        trained = legacy_keras_module().models.load_model(str(d / "model.keras"), compile=False)
-        export_keras3(trained, spec, method, len(classes), f, out / KERAS3_FILE)
-        del trained
+        storage.write_bytes_atomic(data, out / "model.keras")
+        if (d / KERAS3_FILE).exists():  # exported by the worker that trained it
+            storage.write_bytes_atomic((d / KERAS3_FILE).read_bytes(), out / KERAS3_FILE)
+        else:  # results a run of an earlier version wrote before it was interrupted
+            trained = legacy_keras_module().models.load_model(str(d / "model.keras"), compile=False)
+            export_keras3(trained, spec, method, len(classes), f, out / KERAS3_FILE)
+            del trained
+    del data
     with np.load(d / "test.npz", allow_pickle=False) as z:
         test = {k: z[k] for k in z.files}
     with np.load(d / "val.npz", allow_pickle=False) as z:

@@ -8,6 +8,11 @@ classes, the 60/20/20 split), written as extraction writes them (features/vgg19/
 unit of 512 images). Each measurement runs in a fresh process, so its peak memory is its own:
 - `pyarrow`: `pyarrow.dataset(...).to_table()` and the features column into one (rows, width) float32 matrix;
 - `loader`: `lifelog_ray.classify.data.load_feature_set(..., pca=None)`, what classify, audit and the curve call.
+With `--protocols` (what `protocol: both` costs), instead:
+- `separate`: the set loaded twice, once per protocol (the shards' splits, then a day-split map), as classify
+  did until it read each set once;
+- `shared`: `load_feature_sets(..., protocols=[None, days])`, one read for both (what classify's task runs now).
+`--pca 0.95` fits each protocol's PCA too (the same work in both; slow at the paper's width on 2 cores).
 Each prints wall time and peak RSS above the process's RSS after its imports. Writes
 benchmarks/results/paper_scale.json (or --out).
 """
@@ -57,11 +62,22 @@ def rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
-def measure(kind: str, study: Path) -> dict:
+def day_map(study: Path) -> dict[str, str]:
+    """A day protocol's stand-in: other splits for the same images (every 5th row moved), as a `split_day` map."""
+    import pyarrow.dataset as pads
+
+    ids = pads.dataset(study / "features" / "vgg19" / "flatten", format="parquet").to_table(
+        columns=["image_id"]).column(0).to_pylist()
+    return {i: ("train", "train", "train", "val", "test")[k % 5] for k, i in enumerate(ids)}
+
+
+def measure(kind: str, study: Path, pca: float | None = None) -> dict:
     import numpy as np
     import pyarrow.dataset as pads
 
-    from lifelog_ray.classify.data import load_feature_set
+    from lifelog_ray.classify.data import load_feature_set, load_feature_sets
+
+    days = day_map(study) if kind in ("separate", "shared") else None
 
     base = rss_mb()
     t0 = time.perf_counter()
@@ -71,6 +87,12 @@ def measure(kind: str, study: Path) -> dict:
         X = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
         shape = X.shape
         assert X.dtype == np.float32
+    elif kind == "separate":
+        sets = [load_feature_set(study, "vgg19", "flatten", pca, splits=s) for s in (None, days)]
+        shape = (sum(len(v) for v in sets[0].X.values()), sets[0].X["train"].shape[1])
+    elif kind == "shared":
+        sets = load_feature_sets(study, "vgg19", "flatten", pca, protocols=[None, days])
+        shape = (sum(len(v) for v in sets[0].X.values()), sets[0].X["train"].shape[1])
     else:
         fs = load_feature_set(study, "vgg19", "flatten", None)
         shape = (sum(len(v) for v in fs.X.values()), fs.X["train"].shape[1])
@@ -85,12 +107,14 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=19_527)
     ap.add_argument("--width", type=int, default=WIDTH)
     ap.add_argument("--workdir", help="keep the synthetic study here (default: a temp folder, removed)")
-    ap.add_argument("--measure", choices=["pyarrow", "loader"], help=argparse.SUPPRESS)
+    ap.add_argument("--protocols", action="store_true", help="both protocols: one read against two")
+    ap.add_argument("--pca", type=float, help="with --protocols: fit each protocol's PCA too (e.g. 0.95)")
+    ap.add_argument("--measure", choices=["pyarrow", "loader", "separate", "shared"], help=argparse.SUPPRESS)
     ap.add_argument("--study", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "paper_scale.json"))
     args = ap.parse_args()
     if args.measure:  # the child: one measurement in a fresh process
-        print(json.dumps(measure(args.measure, Path(args.study))))
+        print(json.dumps(measure(args.measure, Path(args.study), args.pca)))
         return
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         study = Path(tmp) / "study"
@@ -98,16 +122,25 @@ def main() -> None:
         raw = write_set(study, args.images, args.width)
         print(f"wrote {args.images} x {args.width} float32 ({raw / 1e9:.2f} GB raw) in {time.perf_counter() - t0:.0f}s")
         results = {"images": args.images, "width": args.width, "raw_mb": round(raw / 2**20, 1)}
-        for kind in ("pyarrow", "loader", "pyarrow", "loader"):  # twice each, alternating: the page cache warm
-            got = json.loads(subprocess.run([sys.executable, __file__, "--measure", kind, "--study", str(study)],
-                                            check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        kinds = ("separate", "shared") if args.protocols else ("pyarrow", "loader")
+        results["pca"] = args.pca
+        for kind in kinds * 2:  # twice each, alternating: the page cache warm
+            cmd = [sys.executable, __file__, "--measure", kind, "--study", str(study)]
+            cmd += ["--pca", str(args.pca)] if args.pca else []
+            got = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True
+                                            ).stdout.strip().splitlines()[-1])
             print(got)
             results.setdefault(kind, []).append(got)
-    best = {k: min(results[k], key=lambda r: r["seconds"]) for k in ("pyarrow", "loader")}
-    results["load_time_ratio"] = round(best["loader"]["seconds"] / best["pyarrow"]["seconds"], 2)
-    results["loader_peak_over_raw"] = round(best["loader"]["peak_above_imports_mb"] / results["raw_mb"], 2)
-    print(f"loader / pyarrow time: {results['load_time_ratio']}x; loader peak memory / raw bytes: "
-          f"{results['loader_peak_over_raw']}x")
+    best = {k: min(results[k], key=lambda r: r["seconds"]) for k in kinds}
+    a, b = kinds
+    results["time_ratio"] = round(best[b]["seconds"] / best[a]["seconds"], 2)
+    results[f"{b}_peak_over_raw"] = round(best[b]["peak_above_imports_mb"] / results["raw_mb"], 2)
+    results[f"{a}_peak_over_raw"] = round(best[a]["peak_above_imports_mb"] / results["raw_mb"], 2)
+    if not args.protocols:
+        results["load_time_ratio"] = results["time_ratio"]
+        results["loader_peak_over_raw"] = results[f"{b}_peak_over_raw"]
+    print(f"{b} / {a} time: {results['time_ratio']}x; peak memory / raw bytes: {a} {results[f'{a}_peak_over_raw']}x, "
+          f"{b} {results[f'{b}_peak_over_raw']}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
 

@@ -166,6 +166,33 @@ def test_pca_variance_and_streaming_solver(tmp_path):
         assert sum(len(v) for v in capped.y.values()) == 1797
 
 
+def test_both_protocols_come_from_one_read_and_equal_each_protocols_own(tmp_path, monkeypatch):
+    """`protocol: both` reads a feature set once: each protocol's set (its splits, its PCA fitted on its own train
+    split) equals the one read for that protocol alone, in memory and on the streaming (incremental) path."""
+    from lifelog_ray.classify import data
+
+    write_digits(tmp_path, n=None)
+    ids = sorted(load_feature_set(tmp_path, "digits", "pixels", None).ids["train"])  # the day protocol's stand-in:
+    days = {i: ("train", "train", "val", "test", "train")[k % 5] for k, i in enumerate(ids)}  # other splits, some
+    # rows absent (they keep the shards' split, as the manifest's split_day map does for no day)
+    read = []
+    to_matrix = data._to_matrix
+    monkeypatch.setattr(data, "_to_matrix", lambda col: read.append(len(col)) or to_matrix(col))
+    for solver in ("full", "incremental"):
+        read.clear()
+        both = data.load_feature_sets(tmp_path, "digits", "pixels", 0.95, solver, batch_rows=200,
+                                      protocols=[None, days])
+        if solver == "full":
+            assert sum(read) == 1797, read  # every row converted once for both protocols
+        for fs, splits in zip(both, (None, days)):
+            alone = load_feature_set(tmp_path, "digits", "pixels", 0.95, solver, batch_rows=200, splits=splits)
+            assert fs.n_components == alone.n_components and fs.classes == alone.classes
+            for s in ("train", "val", "test"):
+                assert list(fs.ids[s]) == list(alone.ids[s]) and np.array_equal(fs.y[s], alone.y[s]), (solver, s)
+                np.testing.assert_allclose(fs.X[s], alone.X[s], rtol=0, atol=1e-4, err_msg=f"{solver} {s}")
+        assert len(both[0].ids["train"]) != len(both[1].ids["train"])  # two protocols, not one twice
+
+
 def test_bayesian_ridge_classifier_passes_scikit_learns_checks():
     from sklearn.utils.estimator_checks import check_estimator
 

@@ -152,6 +152,25 @@ def load_feature_set(
 ) -> FeatureSet:
     """``splits`` (image_id -> split, e.g. the manifest's `split_day`) replaces the shards' `split` column,
     which stays informational: another protocol needs no re-extraction."""
+    return load_feature_sets(study, model, layer, pca, solver, seed, memory_limit_bytes, batch_rows, max_components,
+                             [splits])[0]
+
+
+def load_feature_sets(
+    study: Path, model: str, layer: str, pca: float | int | None, solver: str = "auto", seed: int = 0,
+    memory_limit_bytes: int = 4 << 30, batch_rows: int = 20_000, max_components: int = 1024,
+    protocols: list[dict[str, str] | None] | None = None,
+) -> list[FeatureSet]:
+    """One (model, layer) under each protocol's splits, from **one read** of its features (`protocol: both`):
+    each protocol's PCA is fitted on its own train split. A protocol is None (the shards' `split` column) or an
+    image_id -> split map (the manifest's `split_day`).
+
+    In memory (the full and randomized solvers), the rows are read once into the first protocol's split matrices;
+    another protocol's splits are gathered from them (its train split is a copy while its PCA is fitted), and the
+    first protocol is reduced last, in place. Sets too big for memory (the incremental solver) are fitted from
+    disk, one streaming pass over each protocol's train rows, then read once and reduced by every protocol's PCA
+    batch by batch: no full-width matrix is held."""
+    protocols = [None] if protocols is None else list(protocols)
     ds = _dataset(study, model, layer)
     meta = ds.to_table(columns=["image_id", "label", "split"])
     n = meta.num_rows
@@ -161,63 +180,104 @@ def load_feature_set(
     big = width is not None and n * width * 4 > memory_limit_bytes
     if solver == "auto":
         solver = "incremental" if big else "full"
-    fitted = None
-    if pca is not None and solver == "incremental":
-        train = (pc.field("split") == "train" if splits is None else
-                 pc.field("image_id").isin(pa.array([i for i, s in splits.items() if s == "train"], pa.string())))
-        n_train = ds.count_rows(filter=train)
-        fitted = fit_pca_streaming(ds, pca, batch_rows, min(max_components, width or max_components), train,
-                                   limit=min(n_train, width or n_train))
-    # Each split's matrix is allocated once and the features are read batch by batch straight into it (a file
-    # at a time): the peak is the sets' own bytes and a batch, never a whole Arrow table beside its copies.
+    streamed = pca is not None and solver == "incremental"
     sorted_classes = np.asarray(classes)  # sorted: a label's index is where it sorts among them
     all_ids = _strings(meta.column("image_id"))
-    split = _strings(meta.column("split"))
-    if splits is not None:
-        split = pd.Series(all_ids).map(splits).fillna(pd.Series(split)).to_numpy().astype(str)
+    shard_split = _strings(meta.column("split"))
     labels = np.searchsorted(sorted_classes, _strings(meta.column("label")))  # no Python loop over rows
-    rows = {s: np.flatnonzero(split == s) for s in SPLIT_NAMES}
-    rank = np.zeros(n, np.int64)  # a row's place in its split's matrix
-    for r in rows.values():
-        rank[r] = np.arange(len(r))
+    splits_of, rows_of, ranks = [], [], []
+    for splits in protocols:
+        split = shard_split if splits is None else (
+            pd.Series(all_ids).map(splits).fillna(pd.Series(shard_split)).to_numpy().astype(str))
+        rows = {s: np.flatnonzero(split == s) for s in SPLIT_NAMES}
+        rank = np.zeros(n, np.int64)  # a row's place in its split's matrix
+        for r in rows.values():
+            rank[r] = np.arange(len(r))
+        splits_of.append(split)
+        rows_of.append(rows)
+        ranks.append(rank)
+    for rows in rows_of:
+        if len(rows["train"]) == 0 or len(rows["val"]) == 0:
+            raise LifelogError(f"features {model}/{layer}: the train and val splits must both have rows")
+    fitted: list[PCA | IncrementalPCA | None] = [None] * len(protocols)
+    if streamed:
+        for i, splits in enumerate(protocols):
+            train = (pc.field("split") == "train" if splits is None else
+                     pc.field("image_id").isin(pa.array([k for k, v in splits.items() if v == "train"], pa.string())))
+            n_train = ds.count_rows(filter=train)
+            fitted[i] = fit_pca_streaming(ds, pca, batch_rows, min(max_components, width or max_components), train,
+                                          limit=min(n_train, width or n_train))
+    # Each matrix is allocated once and the features are read batch by batch straight into it (a file at a time):
+    # the peak is the matrices' own bytes and a batch, never a whole Arrow table beside its copies. Streamed: every
+    # protocol's reduced matrices; in memory: the first protocol's full-width ones.
+    held = range(len(protocols)) if streamed else range(1)
     index = pd.Index(all_ids)
-    X: dict[str, np.ndarray] = {}
+    X: list[dict[str, np.ndarray]] = [{} for _ in protocols]
     seen = 0
     for b in ds.to_batches(columns=["image_id", "features"], batch_size=batch_rows):
         if not b.num_rows:
             continue
         feats = _to_matrix(b.column("features"))
-        if fitted is not None:
-            feats = fitted.transform(feats).astype(np.float32)
-        if not X:
-            X = {s: np.empty((len(r), feats.shape[1]), np.float32) for s, r in rows.items()}
         at = (index.get_indexer(_strings(b.column("image_id"))) if index.is_unique
               else np.arange(seen, seen + b.num_rows))  # the same scan order as `meta` otherwise
         seen += b.num_rows
         if (at < 0).any():
             seen = -1  # a row not listed a moment ago: the set changed while it was read
             break
-        for s in SPLIT_NAMES:
-            m = split[at] == s
-            X[s][rank[at[m]]] = feats[m]
+        for i in held:
+            part = fitted[i].transform(feats).astype(np.float32) if streamed else feats
+            if not X[i]:
+                X[i] = {s: np.empty((len(r), part.shape[1]), np.float32) for s, r in rows_of[i].items()}
+            for s in SPLIT_NAMES:
+                m = splits_of[i][at] == s
+                X[i][s][ranks[i][at[m]]] = part[m]
     if seen != n:
         raise LifelogError(f"features {model}/{layer}: the rows read differ from the {n} listed a moment before "
                            f"(a study being written?); run again")
-    Xs = X or {s: np.zeros((len(r), 0), np.float32) for s, r in rows.items()}
-    ys = {s: labels[r] for s, r in rows.items()}
-    idss = {s: all_ids[r] for s, r in rows.items()}
-    if len(ys["train"]) == 0 or len(ys["val"]) == 0:
-        raise LifelogError(f"features {model}/{layer}: the train and val splits must both have rows")
-    full_width = Xs["train"].shape[1]
-    if pca is not None and fitted is None:
-        if solver == "randomized":  # the same meaning as "full": twice the components until the share is reached
-            fitted = _fit_share(lambda k: PCA(n_components=k, svd_solver="randomized", random_state=seed).fit(
-                Xs["train"]), max_components, min(Xs["train"].shape), pca)
-        else:
-            n_comp = pca if isinstance(pca, float) and pca < 1 else min(int(pca), *Xs["train"].shape)
-            fitted = PCA(n_components=n_comp, svd_solver="full", random_state=seed).fit(Xs["train"])
-        Xs = {s: fitted.transform(v).astype(np.float32) if len(v) else v for s, v in Xs.items()}
-    kept = f" ({100 * float(np.sum(fitted.explained_variance_ratio_)):.1f}% of the variance)" if fitted is not None else ""
-    log.info("%s/%s: %d rows, width %s -> %d components%s", model, layer, n, width or full_width,
-             Xs["train"].shape[1], kept)
-    return FeatureSet(model, layer, classes, Xs, ys, idss, int(width or full_width), fitted)
+    for i in held:
+        X[i] = X[i] or {s: np.zeros((len(r), 0), np.float32) for s, r in rows_of[i].items()}
+    full_width = X[0]["train"].shape[1]
+
+    def gathered(i: int, s: str) -> np.ndarray:
+        """Protocol i's split s, gathered from the first protocol's matrices (a copy)."""
+        rows = rows_of[i][s]
+        out = np.empty((len(rows), full_width), np.float32)
+        for home in SPLIT_NAMES:
+            m = splits_of[0][rows] == home
+            out[m] = X[0][home][ranks[0][rows[m]]]
+        return out
+
+    order = [] if streamed else [*range(1, len(protocols)), 0]  # the first last: the others gather from its matrices
+    for i in order:
+        train = X[0]["train"] if i == 0 else gathered(i, "train")
+        fitted[i] = None if pca is None else _fit_in_memory(train, pca, solver, seed, max_components)
+        reduced = {"train": _reduced(fitted[i], train)}
+        del train  # a protocol's full-width copies go split by split, as each is reduced
+        for s in SPLIT_NAMES:
+            if s != "train":
+                reduced[s] = _reduced(fitted[i], X[0][s] if i == 0 else gathered(i, s))
+        X[i] = reduced
+    sets: list[FeatureSet] = []
+    for i in range(len(protocols)):
+        Xs = X[i]
+        kept = (f" ({100 * float(np.sum(fitted[i].explained_variance_ratio_)):.1f}% of the variance)"
+                if fitted[i] is not None else "")
+        log.info("%s/%s: %d rows, width %s -> %d components%s", model, layer, n, width or full_width,
+                 Xs["train"].shape[1], kept)
+        rows = rows_of[i]
+        sets.append(FeatureSet(model, layer, classes, Xs, {s: labels[r] for s, r in rows.items()},
+                               {s: all_ids[r] for s, r in rows.items()}, int(width or full_width), fitted[i]))
+    return sets
+
+
+def _reduced(fitted: PCA | None, v: np.ndarray) -> np.ndarray:
+    """A split's rows through the fitted PCA (an empty split keeps its shape, as before)."""
+    return fitted.transform(v).astype(np.float32) if fitted is not None and len(v) else v
+
+
+def _fit_in_memory(train: np.ndarray, pca: float | int, solver: str, seed: int, max_components: int) -> PCA:
+    if solver == "randomized":  # the same meaning as "full": twice the components until the share is reached
+        return _fit_share(lambda k: PCA(n_components=k, svd_solver="randomized", random_state=seed).fit(train),
+                          max_components, min(train.shape), pca)
+    n_comp = pca if isinstance(pca, float) and pca < 1 else min(int(pca), *train.shape)
+    return PCA(n_components=n_comp, svd_solver="full", random_state=seed).fit(train)

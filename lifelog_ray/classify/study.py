@@ -21,7 +21,7 @@ from ..lease import leased
 from ..metrics import METRIC_COLUMNS, TABLE_METRICS, full_report, scores
 from ..results import DEFAULT_PROTOCOL, best_row, of_protocol
 from ..temporal import Smoother, choose, class_scores, sequences
-from .data import FeatureSet, discover, load_feature_set
+from .data import FeatureSet, discover, load_feature_sets
 from .estimators import ClassifierSpec, load_search_space, params_json
 from .persist import save_pipeline, serialize
 from .search import run_search
@@ -246,13 +246,16 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
         return ClassifyResult(storage.read_parquet(out / "trials.parquet"), storage.read_parquet(out / "results.parquet"),
                               out, 0.0, skipped=True)
     ensure_ray(cfg.ray)
-    # One feature set per protocol and (model, layer), PCA fitted on that protocol's train split: each read,
-    # fitted and reduced by a Ray task on a worker, where the trials use it. The driver gets each set without
-    # its feature rows (labels, ids, the PCA); a trial fetches its own set only.
-    prepare = ray.remote(num_cpus=1, num_returns=2, max_retries=1)(_prepare_set)
-    refs = {f"{proto}:{m}/{la}": prepare.remote(study, m, la, c.pca, c.pca_solver, c.seed,
-                                                days if proto == "day" else None)
-            for proto in protocols for m, la in pairs}
+    # One feature set per protocol and (model, layer), PCA fitted on that protocol's train split: each (model, layer)
+    # read once, then fitted and reduced for every protocol, by a Ray task on a worker, where the trials use them.
+    # The driver gets each set without its feature rows (labels, ids, the PCA); a trial fetches its own set only.
+    prepare = ray.remote(num_cpus=1, max_retries=1)(_prepare_set).options(num_returns=2 * len(protocols))
+    refs = {}
+    for m, la in pairs:
+        made = prepare.remote(study, m, la, c.pca, c.pca_solver, c.seed,
+                              [days if proto == "day" else None for proto in protocols])
+        for i, proto in enumerate(protocols):
+            refs[f"{proto}:{m}/{la}"] = (made[2 * i], made[2 * i + 1])
     full = {k: whole for k, (whole, _) in refs.items()}
     sets = dict(zip(refs, _get([light for _, light in refs.values()])))
     n_jobs = max(1, int(c.cpus_per_trial))
@@ -370,11 +373,14 @@ def run_classify(cfg: StudyConfig, force: bool = False) -> ClassifyResult:
 
 
 def _prepare_set(study: Path, model: str, layer: str, pca: float | int | None, solver: str, seed: int,
-                 splits: dict[str, str] | None) -> tuple[FeatureSet, FeatureSet]:
-    """A Ray task: one feature set read, PCA-fitted and reduced on a worker. Returns the set (kept in that
-    worker's object store for the trials and the refit) and its copy without feature rows (for the driver)."""
-    fs = load_feature_set(study, model, layer, pca, solver, seed, splits=splits)
-    return fs, fs.light()
+                 protocols: list[dict[str, str] | None]) -> list[FeatureSet]:
+    """A Ray task: one (model, layer) read once on a worker, PCA-fitted and reduced under each protocol's splits.
+    Returns, per protocol, the set (kept in that worker's object store for the trials and the refit) and its copy
+    without feature rows (for the driver)."""
+    out: list[FeatureSet] = []
+    for fs in load_feature_sets(study, model, layer, pca, solver, seed, protocols=protocols):
+        out += [fs, fs.light()]
+    return out
 
 
 def _get(refs: Any) -> Any:

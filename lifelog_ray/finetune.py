@@ -206,8 +206,9 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     in_progress = None  # the job the last checkpoint belongs to
     if ckpt:
-        with ckpt.as_directory() as d:
-            saved = checkpoints.read_state(Path(d))
+        # its state file only (which job it is of): the restore below fetches the checkpoint, once, from a bucket too
+        with ckpt.filesystem.open_input_file(Path(ckpt.path, checkpoints.STATE).as_posix()) as fh:
+            saved = json.loads(fh.readall().decode("utf-8"))
         # a checkpoint from before runs held several jobs names none: it is the one job's of its run
         in_progress = saved.get("job", config["jobs"][0]["key"] if len(config["jobs"]) == 1 else None)
     for index, job in enumerate(config["jobs"]):

@@ -187,6 +187,13 @@ def _fault_hook() -> list[int] | None:
     return [int(epoch), int(job or 0)]
 
 
+def checkpoint_state(ckpt: Any) -> dict:
+    """A Ray Train checkpoint's state file alone, where the checkpoint lies (a node's disk or a bucket): which job
+    and epoch it is of. The restore fetches the whole checkpoint once; this never downloads its weights."""
+    with ckpt.filesystem.open_input_file(Path(ckpt.path, checkpoints.STATE).as_posix()) as fh:
+        return json.loads(fh.readall().decode("utf-8"))
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker (tf-keras, MultiWorkerMirroredStrategy): the run's jobs (a model and a
     method each) one after another, in one worker group. A job whose results are written is done: after a
@@ -206,9 +213,7 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     in_progress = None  # the job the last checkpoint belongs to
     if ckpt:
-        # its state file only (which job it is of): the restore below fetches the checkpoint, once, from a bucket too
-        with ckpt.filesystem.open_input_file(Path(ckpt.path, checkpoints.STATE).as_posix()) as fh:
-            saved = json.loads(fh.readall().decode("utf-8"))
+        saved = checkpoint_state(ckpt)
         # a checkpoint from before runs held several jobs names none: it is the one job's of its run
         in_progress = saved.get("job", config["jobs"][0]["key"] if len(config["jobs"]) == 1 else None)
     for index, job in enumerate(config["jobs"]):

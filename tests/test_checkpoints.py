@@ -132,3 +132,31 @@ def test_replica_steps_bound_every_worker(n, workers, batch, steps):
     assert replica_steps(n, workers, batch) == steps
     per_worker = -(-n // workers)
     assert replica_steps(n, workers, batch) * max(1, batch // workers) >= per_worker
+
+
+def test_a_resumed_run_reads_only_the_state_file_of_a_checkpoint_in_a_bucket(s3, tmp_path):
+    """Which job a checkpoint is of comes from its state file alone, read where the checkpoint lies (S3 here):
+    the weights beside it are not downloaded for that (the restore fetches them, once)."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+    from ray.train import Checkpoint
+
+    from lifelog_ray.finetune import checkpoint_state
+
+    fs, _ = s3
+    state = {"checkpoint_format": checkpoints.FORMAT, "job": "vgg19-m3-abc", "epoch": 1}
+    fs.pipe("lifelog/ckpt-state/checkpoint_1/" + checkpoints.STATE, json.dumps(state).encode())
+    fs.pipe("lifelog/ckpt-state/checkpoint_1/" + checkpoints.LATEST, b"not read")
+    counted = []
+    cat = fs.open
+
+    def opened(path, *a, **kw):  # what this read opens in the bucket
+        counted.append(path)
+        return cat(path, *a, **kw)
+
+    fs.open = opened
+    try:
+        ckpt = Checkpoint("lifelog/ckpt-state/checkpoint_1", PyFileSystem(FSSpecHandler(fs)))
+        assert checkpoint_state(ckpt) == state
+    finally:
+        del fs.open
+    assert counted and all(p.endswith(checkpoints.STATE) for p in counted), counted

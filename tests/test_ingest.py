@@ -379,3 +379,36 @@ def test_the_bundled_sample_is_a_sequence_that_splits_by_day(tmp_path):
         firsts = g.groupby("day").head(1)["image_id"].tolist()
         other_day += [np.abs(pix[x] - pix[y]).mean() for x, y in zip(firsts[:-1], firsts[1:], strict=True)]
     assert np.median(same_run) * 2 < np.median(other_day), (np.median(same_run), np.median(other_day))
+
+
+AWKWARD_PATHS = [
+    "2016-08-15/20160815_080030_000.jpg", "u1/2016-08-15/20160815_080030_000.jpg", "a/u12/b/x.png",
+    "2016-08-15/B00001234_21I6X0_20160815_080030E.JPG", "x/y/photo.tar.gz", "x/.hidden", ".hidden/a.jpg",
+    "x/b.", "x/..b.jpg", "a/./b.jpg", "./a.jpg", "../a.jpg", "a/../b.jpg", "a//b.jpg", "a/", "a\\b.jpg",
+    "a/...", "a/b..c", "a.b/c", "c", "x/20160815_080030.jpg", "x/120160815_080030_000.jpg",
+    "x/20161399_250000_000.jpg", "x/note 20160815_080030 (2).jpeg", "d.e/f.g/h",
+]
+
+
+@pytest.mark.parametrize("layout", ["lsc", "csv", "folder"])
+def test_column_functions_equal_the_per_path_ones(layout):
+    """Ingest's one-pass column functions (a lifelog has millions of rows) read every path as the per-path
+    functions do (predict uses those): folders, user folders, suffixes, `.`/`..` parts, times in names."""
+    import re
+
+    from lifelog_ray.ingest import (
+        _NEEDS_NORM,
+        _odd_paths,
+        derive_image_id,
+        derive_image_ids,
+        timestamp_from_name,
+        timestamps_from_names,
+    )
+
+    rels = pd.Series(AWKWARD_PATHS, dtype=object)
+    assert derive_image_ids(rels, layout).tolist() == [derive_image_id(r, layout) for r in AWKWARD_PATHS]
+    assert _odd_paths(rels).tolist() == [re.search(_NEEDS_NORM, r) is not None for r in AWKWARD_PATHS]
+    got = timestamps_from_names(rels)
+    want = [timestamp_from_name(r) for r in AWKWARD_PATHS]
+    assert [None if pd.isna(t) else t.to_pydatetime() for t in got] == want
+    assert got.notna().sum() == 5  # the LSC names, the one without milliseconds and the one with words around it

@@ -81,7 +81,22 @@ def _read_csv_at(path: str | os.PathLike, encoding: str, required: list[str], op
 
 
 def _is_missing(v: object) -> bool:
+    if type(v) is str:  # a CSV cell: only a short one, or one with spaces around it, can be a missing marker
+        return (len(v) < 8 or v[0].isspace() or v[-1].isspace()) and v.strip().lower() in _MISSING
     return v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip().lower() in _MISSING
+
+
+def _missing(values: pd.Series) -> pd.Series:
+    """_is_missing over a column."""
+    return pd.Series(np.fromiter(map(_is_missing, values.tolist()), bool, len(values)), index=values.index)
+
+
+def _extension(path: str) -> str:
+    """os.path.splitext(path)[1] for a POSIX path, without its per-call overhead (called for every file of a
+    lifelog): the last component's last dot, unless only dots come before it in that component."""
+    dot = path.rfind(".")
+    start = path.rfind("/") + 1
+    return path[dot:] if dot > start and path[start:dot].strip(".") else ""
 
 
 def scan_images(root: Path, extensions: tuple[str, ...]) -> list[str]:
@@ -97,9 +112,12 @@ class RootListing:
     files: set[str]
     links: set[str]
 
-    def images(self, extensions: tuple[str, ...]) -> list[str]:
+    def images(self, extensions: tuple[str, ...], unless_in: set[str] | None = None) -> list[str]:
+        """The image files, sorted; ``unless_in``: leaving out these (looked up first: at a lifelog's size, the
+        labelled files are nearly all of them, and need no extension test and no sort)."""
         exts = tuple(e.lower() for e in extensions)
-        return sorted(f for f in self.files if os.path.splitext(f)[1].lower() in exts)
+        files = self.files if unless_in is None else (f for f in self.files if f not in unless_in)
+        return sorted(f for f in files if _extension(f).lower() in exts)
 
 
 def list_root(root: Path) -> RootListing:
@@ -178,8 +196,7 @@ def read_candidates(data: DataConfig, options: Options | None = None, listing: R
         )
         if data.layout == "lsc":
             # Images on disk that no CSV row names are unlabeled: report them rather than drop them silently.
-            listed = set(_normalised(out["rel_path"]))
-            extra = [r for r in listing.images(data.extensions) if r not in listed]
+            extra = listing.images(data.extensions, unless_in=set(_normalised(out["rel_path"])))
             if extra:
                 out = pd.concat(
                     [out, pd.DataFrame({"row": pd.NA, "rel_path": [shown_name(r) for r in extra], "raw_label": None,
@@ -431,7 +448,7 @@ def derive_image_ids(rels: pd.Series, layout: str) -> pd.Series:
         else:
             stem = stem_of("", r)
             # LSC: a name that carries the time is its own id (the file stem); any other path keeps its folders
-            out.append(stem[stem.rfind("/") + 1:] if lsc and timed(r[r.rfind("/") + 1:]) else stem.replace("/", "__"))
+            out.append(stem[stem.rfind("/") + 1:] if lsc and timed(r, r.rfind("/") + 1) else stem.replace("/", "__"))
     return pd.Series(out, index=rels.index, dtype=object)
 
 
@@ -440,9 +457,10 @@ def timestamps_from_names(rels: pd.Series) -> pd.Series:
     search = _TIME_IN_NAME.search
     digits = []
     for r in rels.astype(object):
-        m = search(r[r.rfind("/") + 1:]) if isinstance(r, str) else None
-        digits.append(m.group(1) + m.group(2) if m else None)
-    return pd.to_datetime(pd.Series(digits, index=rels.index, dtype=object), format="%Y%m%d%H%M%S", errors="coerce")
+        # from the last component on (the look-behind still sees the "/" before it, a non-digit, as at a start)
+        m = search(r, r.rfind("/") + 1) if isinstance(r, str) else None
+        digits.append(m.group(0) if m else None)
+    return pd.to_datetime(pd.Series(digits, index=rels.index, dtype=object), format="%Y%m%d_%H%M%S", errors="coerce")
 
 
 def _as_posix(rels: pd.Series) -> pd.Series:
@@ -507,7 +525,7 @@ def resolve_paths(root: Path, rels: pd.Series, allow_outside: bool, listing: Roo
     n = len(rels)
     full = pd.Series([None] * n, index=rels.index, dtype=object)
     reason, detail = full.copy(), full.copy()
-    missing = rels.map(_is_missing).astype(bool)
+    missing = _missing(rels)
     reason[missing], detail[missing] = "missing_path", "empty path in the labels file"
     text = rels[~missing].astype(str).astype(object)  # object: a name that is not UTF-8 stays as it is
     remote = storage.is_remote(root)
@@ -604,16 +622,17 @@ def build_manifest(cfg: StudyConfig) -> IngestResult:
     f, r, d = resolve_paths(root, rel[todo], data.allow_outside_root, listing)
     full[todo], reason[todo], detail[todo] = f.to_numpy(), r.to_numpy(), d.to_numpy()
     exts = {e.lower() for e in data.extensions}
-    suffix = full.map(lambda x: os.path.splitext(x)[1] if isinstance(x, str) else "")
+    suffix = pd.Series([_extension(x) if isinstance(x, str) else "" for x in full.tolist()], index=full.index,
+                       dtype=object)
     bad_ext = reason.isna() & ~suffix.str.lower().isin(exts)
     reject(bad_ext, "unsupported_extension", lambda x: f"{x!r} is not one of {sorted(exts)}", suffix)
     # image ids: given (NTCIR-14's image_id column), else derived from the path
     given = cands["image_id"].astype(object) if "image_id" in cands else pd.Series([None] * len(cands), dtype=object)
-    has_id = ~given.map(_is_missing).astype(bool)
+    has_id = ~_missing(given)
     image_id[has_id] = given[has_id].to_numpy()
     need = ~has_id & reason.isna()
     image_id[need] = derive_image_ids(rel[need], data.layout).to_numpy()
-    unlabeled = cands["raw_label"].map(_is_missing).astype(bool)
+    unlabeled = _missing(cands["raw_label"])
     reject(unlabeled, "unlabeled", "no label for this image")
     raw = cands["raw_label"].astype(object).where(~unlabeled, None)
     distinct = raw[reason.isna()].dropna().unique()

@@ -398,6 +398,8 @@ def test_column_functions_equal_the_per_path_ones(layout):
 
     from lifelog_ray.ingest import (
         _NEEDS_NORM,
+        _extension,
+        _missing,
         _odd_paths,
         derive_image_id,
         derive_image_ids,
@@ -406,6 +408,13 @@ def test_column_functions_equal_the_per_path_ones(layout):
     )
 
     rels = pd.Series(AWKWARD_PATHS, dtype=object)
+    for p in [*AWKWARD_PATHS, ".jpg", "..jpg", "a/..jpg", "a/b.c/d", "a.", "", "a/b.JPG", ".a.b"]:
+        assert _extension(p) == os.path.splitext(p)[1], p
+    cells = pd.Series(["", " ", "NULL", " none ", "n/a", "NA", "nan", "\tNaN\n", "na ", None, float("nan"), 3,
+                       "walking", "  walking  ", "nana", "N/A" + " " * 9, "unknown"], dtype=object)
+    assert _missing(cells).tolist() == [v is None or (isinstance(v, float) and np.isnan(v))
+                                        or str(v).strip().lower() in {"", "null", "none", "nan", "na", "n/a"}
+                                        for v in cells]
     assert derive_image_ids(rels, layout).tolist() == [derive_image_id(r, layout) for r in AWKWARD_PATHS]
     assert _odd_paths(rels).tolist() == [re.search(_NEEDS_NORM, r) is not None for r in AWKWARD_PATHS]
     got = timestamps_from_names(rels)

@@ -435,8 +435,8 @@ _USER_FOLDER = re.compile(r"(?:^|/)u\d+/")  # an NTCIR-13 user folder (u1/...)
 
 def derive_image_ids(rels: pd.Series, layout: str) -> pd.Series:
     """derive_image_id over a column, in one pass of compiled expressions (a lifelog has millions of rows;
-    five pandas string passes took 5x as long); derive_image_id itself only for the rare path it would read
-    differently (`.`/`..` parts, `//`, an NTCIR-13 user folder)."""
+    eight pandas string operations took 2.8x as long); derive_image_id itself only for the rare path it would
+    read differently (`.`/`..` parts, `//`, an NTCIR-13 user folder)."""
     lsc = layout == "lsc"
     user, stem_of, timed = _USER_FOLDER.search, _STEM.sub, _TIME_IN_NAME.search
     out = []

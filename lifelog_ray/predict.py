@@ -25,7 +25,15 @@ from .errors import LifelogError
 from .extract import check_decode, model_stage, resolve_decode, where_phrase
 from .finetune import checked_model_bytes
 from .images import decoded_images
-from .ingest import day_of, derive_image_id, scan_images, shown_name, timestamp_from_exif, timestamp_from_name
+from .ingest import (
+    day_of,
+    derive_image_ids,
+    exif_times,
+    scan_images,
+    shown_name,
+    timestamp_from_exif,
+    timestamps_from_names,
+)
 from .lease import leased
 from .results import best_row, of_protocol
 from .temporal import Smoother, sequences
@@ -33,8 +41,12 @@ from .temporal import Smoother, sequences
 log = logging.getLogger(__name__)
 
 
-def list_images(source: str, extensions: tuple[str, ...], options: storage.Options | None = None) -> pd.DataFrame:
-    """A folder (scanned recursively), a manifest Parquet, or a CSV with a `path` column; local or a URI."""
+def list_images(source: str, extensions: tuple[str, ...], options: storage.Options | None = None,
+                cfg: StudyConfig | None = None) -> pd.DataFrame:
+    """A folder (scanned recursively), a manifest Parquet, or a CSV with a `path` column; local or a URI.
+    Ids, times and days are derived a column at a time, as ingest derives them (a multi-year folder holds
+    millions of frames); EXIF is read only where a name carries no time, in Ray tasks when there are many
+    (`ingest.exif_times`, given the study's `cfg`)."""
     p = storage.to_path(source, options)
     remote = storage.is_remote(p)
 
@@ -61,12 +73,19 @@ def list_images(source: str, extensions: tuple[str, ...], options: storage.Optio
     if df.empty:
         raise LifelogError(f"--images {source}: no images found")
     if "image_id" not in df:
-        df["image_id"] = [derive_image_id(r, "lsc") for r in df["rel"]]
+        df["image_id"] = derive_image_ids(df["rel"], "lsc")
     if "timestamp" not in df:
-        ts = [timestamp_from_name(r) or timestamp_from_exif(storage.to_path(x, options))
-              for r, x in zip(df["rel"], df["path"])]
-        df["timestamp"] = pd.to_datetime(pd.Series(ts, dtype=object), errors="coerce")
-        df["day"] = [day_of(t, r) for t, r in zip(ts, df["rel"])]
+        ts = timestamps_from_names(df["rel"])
+        no_time = ts.isna()
+        if no_time.any():
+            paths = df.loc[no_time, "path"].tolist()
+            exif = (exif_times(paths, cfg) if cfg is not None
+                    else [timestamp_from_exif(storage.to_path(x, options)) for x in paths])
+            ts[no_time] = pd.to_datetime(pd.Series(exif, index=ts[no_time].index, dtype=object), errors="coerce")
+        df["timestamp"] = ts
+        df["day"] = ts.dt.strftime("%Y-%m-%d").astype(object)
+        undated = df["day"].isna()
+        df.loc[undated, "day"] = [day_of(None, r) for r in df.loc[undated, "rel"]]
     elif "day" not in df:  # a list with times but no days: the day is the time's
         stamps = pd.to_datetime(df["timestamp"], errors="coerce")
         df["day"] = [day_of(None if pd.isna(t) else t, r) for t, r in zip(stamps, df["rel"])]
@@ -340,7 +359,7 @@ def run_predict(cfg: StudyConfig, images: str | None = None, which: str | None =
             raise LifelogError(f"{e}; pass --name NAME") from None
     study = cfg.study_dir
     choice = choose_pipeline(study, which)
-    rows = list_images(images, cfg.data.extensions, cfg.storage.options)
+    rows = list_images(images, cfg.data.extensions, cfg.storage.options, cfg)
     rows["timestamp"] = rows["timestamp"].astype(str)
     out = study / "predictions" / name
     e = cfg.extract

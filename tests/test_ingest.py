@@ -201,6 +201,33 @@ def check_exif_folder(tmp_path):
     assert sorted(res.manifest["day"].unique()) == ["2019-01-01", "2019-01-02", "2019-01-03", "2019-01-04"]
 
 
+def test_predict_lists_a_folder_as_ingest_derives_each_frame(tmp_path):
+    """predict's listing derives ids, times and days a column at a time (a multi-year folder of new days): the same
+    values as the per-frame functions, for names with a time, EXIF-only frames, and frames with neither."""
+    from PIL import Image
+
+    from lifelog_ray.ingest import day_of, derive_image_id, timestamp_from_exif, timestamp_from_name
+    from lifelog_ray.predict import list_images
+
+    root = tmp_path / "new"
+    for rel in ("2016-08-15/20160815_101530_000.jpg", "2016-08-15/b00001_21i6x0_20160815_101600e.jpg",
+                "phone/IMG_0001.jpg", "phone/IMG_0002.jpg", "2016-08-17/frame.jpg", "misc/untimed.jpg"):
+        write_image(root / rel)
+    for i, rel in enumerate(("phone/IMG_0001.jpg", "phone/IMG_0002.jpg")):
+        p = root / rel
+        exif = Image.Exif()
+        exif.get_ifd(0x8769)[36867] = f"2019:01:0{i + 1} 10:00:00"
+        Image.open(p).save(p, exif=exif.tobytes())
+    cfg = cfg_for(tmp_path / "s", root=str(root), layout="folder")
+    for listed in (list_images(str(root), (".jpg",)), list_images(str(root), (".jpg",), cfg=cfg)):
+        rels = [Path(x).relative_to(root).as_posix() for x in listed["path"]]
+        times = [timestamp_from_name(r) or timestamp_from_exif(root / r) for r in rels]
+        assert list(listed["image_id"]) == [derive_image_id(r, "lsc") for r in rels]
+        assert list(listed["timestamp"]) == list(pd.to_datetime(pd.Series(times, dtype=object), errors="coerce"))
+        assert list(listed["day"]) == [day_of(t, r) for t, r in zip(times, rels)]
+        assert set(listed["day"]) == {"2016-08-15", "2019-01-01", "2019-01-02", "2016-08-17", "unknown"}
+
+
 def test_ntcir14_layout_minute_labels(tmp_path):
     root = tmp_path / "ntcir"
     images, minutes = [], []

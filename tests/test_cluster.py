@@ -34,6 +34,16 @@ OURS = ("decode_batch", "read_batch", "FeatureExtractor", "ShardWriter", "Pipeli
         "UnitPublisher", "_prepare_set")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_idle_session_ray():
+    """The session's local Ray would sit idle beside this module's cluster on the same 2 cores (its log monitor
+    and agents used ~10 % of a core, aged by the tests before): it is shut down here. The bad day starts a fresh one
+    once its extract on the cluster is done, for its predict and the chain's single-node run."""
+    import ray
+
+    ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def cluster():
     # gpu_worker and cpu_worker as in cluster.yaml (min 0), capped at what 2 cores hold. Idle nodes go in 45 s:
@@ -227,8 +237,7 @@ def markers(fs, study: str) -> int:
         return 0
 
 
-def test_a_bad_day_a_gpu_node_lost_mid_extract_behind_a_flaky_object_store(cluster, s3, long_lifelog, tmp_path, ray_local,
-                                                                           capsys):
+def test_a_bad_day_a_gpu_node_lost_mid_extract_behind_a_flaky_object_store(cluster, s3, long_lifelog, tmp_path, capsys):
     """Both at once, as a bad day on a cloud brings them: a share of S3 requests answered 503 SlowDown or dropped
     (before moto sees them, or after it applied them), and a GPU worker node lost mid-extract (its processes
     killed). The run completes with every image exactly once, the autoscaler replaces the node, a retried
@@ -266,10 +275,15 @@ def test_a_bad_day_a_gpu_node_lost_mid_extract_behind_a_flaky_object_store(clust
         assert run.returncode == 0, out[-5000:]
         gpu_after = {n["node_id"] for n in cluster.nodes(alive=False) if n["resources"].get("GPU")}  # before predict
         # predict through the same store, with the recipe's study (its classify pipelines), to a set of its own:
-        # the CLI in this process, on the session's Ray (the store's faults are what this step is about; predict
-        # on the cluster's GPU nodes is the recipe's, above)
+        # the CLI in this process, on that local Ray (the store's faults are what this step is about; predict on the
+        # cluster's GPU nodes is the recipe's, above)
         recipe = cloud_config(tmp_path, flaky, "cluster/study")
         from lifelog_ray import cli
+        from lifelog_ray.config import RayConfig
+        from lifelog_ray.runtime import ensure_ray
+
+        # a local Ray in this process, started now (after the cluster's extract) and kept for the chain's last step
+        ensure_ray(RayConfig(address="local", num_cpus=2, progress_bars=False, log_to_driver=False))
 
         capsys.readouterr()
         code = cli.main(["predict", "--config", str(recipe), "--name", "flaky", "--ray-address", "local"])
@@ -323,15 +337,16 @@ def test_a_bad_day_a_gpu_node_lost_mid_extract_behind_a_flaky_object_store(clust
 
 
 def test_the_recipes_study_equals_a_single_node_run_resumes_from_the_bucket_and_the_workers_go(
-        cluster, s3, lifelog, recipe_dir, tmp_path, ray_local):
+        cluster, s3, lifelog, recipe_dir, tmp_path):
     """The chain's last step, on the recipe's study in the bucket: its features equal a single-node run's bit for
-    bit (the same config on the session's local Ray, images read from the same bucket), the study resumes from
+    bit (the same config on a local Ray in this process, images read from the same bucket), the study resumes from
     its own markers (from this machine, nothing is extracted or fitted again), and every idle worker goes, back
     to min_workers (0). Run last, while the autoscaler lets the bad day's nodes idle out."""
     fs, options = s3
     config = recipe_dir / "cluster-study.yaml"  # the recipe's own file: a copy elsewhere is another config
     study = f"s3://{BUCKET}/cluster/study"
-    # the same config on one node (the test session's local Ray), images read from the same bucket
+    # the same config on one node (the local Ray the bad day started in this process), images read from the same
+    # bucket
     from lifelog_ray.config import load_config
     from lifelog_ray.extract import run_extract
     from lifelog_ray.ingest import build_manifest

@@ -291,6 +291,22 @@ def exif_times(paths: list[str], cfg: StudyConfig) -> list[datetime | None]:
     return [t for part in ray.get([task.remote(c, options) for c in chunks]) for t in part]
 
 
+def times_and_days(rels: pd.Series, paths: pd.Series, read_exif: Callable[[list[str]], list[datetime | None]]
+                   ) -> tuple[pd.Series, pd.Series]:
+    """Each frame's time and day, a column at a time (ingest's manifest, predict's new frames). The time: from
+    the file name (LSC / NTCIR), else EXIF DateTimeOriginal (``read_exif``, called only with the paths whose
+    names carry none), else NaT. The day: the time's, else a day folder in the path, else "unknown"."""
+    ts = timestamps_from_names(rels)
+    no_time = ts.isna()
+    if no_time.any():
+        exif = read_exif(paths[no_time].tolist())
+        ts[no_time] = pd.to_datetime(pd.Series(exif, index=ts[no_time].index, dtype=object), errors="coerce")
+    days = ts.dt.strftime("%Y-%m-%d").astype(object)
+    undated = days.isna()
+    days[undated] = [day_of(None, r) for r in rels[undated]]
+    return ts, days
+
+
 def day_of(ts: datetime | None, rel_path: str) -> str:
     if ts is not None:
         return ts.strftime("%Y-%m-%d")
@@ -686,17 +702,7 @@ def build_manifest(cfg: StudyConfig) -> IngestResult:
             f"check data.layout, the label column and the taxonomy"
         )
 
-    # Timestamps: from the file name (LSC / NTCIR), else EXIF DateTimeOriginal (read only where a name has
-    # none), else none.
-    ts = timestamps_from_names(df["rel_path"])
-    no_time = ts.isna()
-    if no_time.any():
-        exif = exif_times(df.loc[no_time, "path"].tolist(), cfg)
-        ts[no_time] = pd.to_datetime(pd.Series(exif, index=ts[no_time].index, dtype=object), errors="coerce")
-    df["timestamp"] = ts
-    df["day"] = ts.dt.strftime("%Y-%m-%d").astype(object)
-    undated = df["day"].isna()
-    df.loc[undated, "day"] = [day_of(None, p) for p in df.loc[undated, "rel_path"]]
+    df["timestamp"], df["day"] = times_and_days(df["rel_path"], df["path"], lambda paths: exif_times(paths, cfg))
 
     # A grown lifelog keeps every earlier image in its split, so features, models and scores stay valid.
     # So does every earlier day in its day split (split_day: all of a day's images in one split).

@@ -31,8 +31,8 @@ from .ingest import (
     exif_times,
     scan_images,
     shown_name,
+    times_and_days,
     timestamp_from_exif,
-    timestamps_from_names,
 )
 from .lease import leased
 from .results import best_row, of_protocol
@@ -75,17 +75,12 @@ def list_images(source: str, extensions: tuple[str, ...], options: storage.Optio
     if "image_id" not in df:
         df["image_id"] = derive_image_ids(df["rel"], "lsc")
     if "timestamp" not in df:
-        ts = timestamps_from_names(df["rel"])
-        no_time = ts.isna()
-        if no_time.any():
-            paths = df.loc[no_time, "path"].tolist()
-            exif = (exif_times(paths, cfg) if cfg is not None
-                    else [timestamp_from_exif(storage.to_path(x, options)) for x in paths])
-            ts[no_time] = pd.to_datetime(pd.Series(exif, index=ts[no_time].index, dtype=object), errors="coerce")
-        df["timestamp"] = ts
-        df["day"] = ts.dt.strftime("%Y-%m-%d").astype(object)
-        undated = df["day"].isna()
-        df.loc[undated, "day"] = [day_of(None, r) for r in df.loc[undated, "rel"]]
+        def read_exif(paths: list[str]) -> list:
+            if cfg is not None:
+                return exif_times(paths, cfg)  # Ray tasks when there are many
+            return [timestamp_from_exif(storage.to_path(x, options)) for x in paths]
+
+        df["timestamp"], df["day"] = times_and_days(df["rel"], df["path"], read_exif)
     elif "day" not in df:  # a list with times but no days: the day is the time's
         stamps = pd.to_datetime(df["timestamp"], errors="coerce")
         df["day"] = [day_of(None if pd.isna(t) else t, r) for t, r in zip(stamps, df["rel"])]

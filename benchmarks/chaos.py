@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-from lifelog_ray.local_cluster import kill_tree  # noqa: E402
+from lifelog_ray.local_cluster import descendants, kill_tree  # noqa: E402
 
 LAYERS = ["fc2", "predictions"]
 
@@ -98,12 +98,13 @@ def holds_lease(study: Path, pid: int) -> bool:
         return False
 
 
-def kill_actor() -> bool:
-    """SIGKILL one model actor: Ray titles it "ray::MapWorker(MapBatches(FeatureExtractor))..." (Linux /proc)."""
-    for proc in Path("/proc").glob("[0-9]*"):
+def kill_actor(driver: int) -> bool:
+    """SIGKILL one model actor of the run ``driver`` started (its local Ray's processes are below it): Ray titles
+    it "ray::MapWorker(MapBatches(FeatureExtractor))..." (Linux /proc). Another Ray on the machine is left alone."""
+    for pid in sorted(descendants({driver})):
         try:
-            if b"FeatureExtractor" in (proc / "cmdline").read_bytes():
-                os.kill(int(proc.name), signal.SIGKILL)
+            if b"FeatureExtractor" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
                 return True
         except (OSError, ProcessLookupError):
             continue
@@ -203,7 +204,7 @@ def soak(args: argparse.Namespace) -> dict:
                                 os.kill(waiter.pid, signal.SIGSTOP)
                             kill_tree(proc.pid)  # the driver and its local Ray at once, as a machine goes away
                             killed = True
-                        elif kill_actor():
+                        elif kill_actor(proc.pid):
                             stats["kills"]["actor"] += 1
                             kills_left -= 1
                         plan = None

@@ -13,6 +13,7 @@ import pytest
 from lifelog_ray.config import StudyConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+GROUP = pytest.StashKey[str]()
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -21,11 +22,29 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def pytest_collection_modifyitems(config, items):
     """Tiers: a test that needs the shared Ray, the S3 server or the session's whole-study run is `integration`
     (left out of `make test-fast`); tests that start their own Ray cluster (`cluster`) run after all the
-    others, once the shared Ray is no longer needed."""
+    others, once the shared Ray is no longer needed (`make test` runs them in a pytest of their own, after the
+    rest).
+
+    Groups for pytest-xdist (`make test` runs the rest on two workers, `--dist loadgroup`): a module's tests stay
+    on one worker (its module fixtures are made once), and every reader of the session's whole-study run joins
+    one group (`demo_run` is made once). Groups are sent longest first, as far as the markers tell, so neither
+    worker is left with a long group at the end."""
     for item in items:
         if {"ray_local", "s3", "demo_run"} & set(item.fixturenames) or item.get_closest_marker("cluster"):
             item.add_marker(pytest.mark.integration)
-    items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)  # stable: order kept otherwise
+        group = "demo_run" if "demo_run" in item.fixturenames else item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+        item.stash[GROUP] = group
+    weight: dict[str, float] = {}
+    first: dict[str, int] = {}
+    for i, item in enumerate(items):
+        first.setdefault(item.stash[GROUP], i)  # a rough cost: a slow test ~30 s, an integration one ~5 s, a unit test ~0.5 s
+        cost = 30 if item.get_closest_marker("slow") else 5 if item.get_closest_marker("integration") else 0.5
+        weight[item.stash[GROUP]] = weight.get(item.stash[GROUP], 0) + cost
+    # the cluster tail last, then the heaviest groups first; a group's tests together (a module fixture is made
+    # once in a run without xdist too) and in their written order (the sort is stable)
+    items.sort(key=lambda item: (item.get_closest_marker("cluster") is not None, -weight[item.stash[GROUP]],
+                                 first[item.stash[GROUP]]))
 
 
 @pytest.fixture(scope="session")

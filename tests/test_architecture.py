@@ -98,10 +98,16 @@ def test_every_test_the_reliability_table_names_exists_and_make_test_runs_it():
                for p in (ROOT / "tests").glob("test_*.py")}
     missing = [(f, t) for f, t in named if f not in defined or (t and t not in defined[f])]
     assert not missing, f"the README names tests that do not exist: {missing}"
-    # `make test` runs the whole tests/ folder, deselecting nothing (no -m, no -k, no --ignore)
+    # `make test` runs the whole tests/ folder, deselecting nothing: no -k, no --ignore, and its pytest runs' -m
+    # expressions, if any, split the tests in two parts that together are all of them
+    import re
+
     recipe = (ROOT / "Makefile").read_text().split("\ntest:", 1)[1].split("\n\n", 1)[0]
-    args = recipe.split("-m pytest", 1)[1]
-    assert args.rstrip().endswith(" tests") and not any(f in args for f in (" -m ", " -k ", "--ignore", "--deselect"))
+    runs = [line.split("-m pytest", 1)[1] for line in recipe.splitlines() if "-m pytest" in line]
+    assert runs and all(a.rstrip().endswith(" tests") for a in runs), runs
+    assert not any(f in a for a in runs for f in (" -k ", "--ignore", "--deselect", "--lf", "-x ")), runs
+    marks = sorted(m.group(1) if (m := re.search(r' -m "([^"]*)"', a)) else "" for a in runs)
+    assert marks in ([""], ["cluster", "not cluster"]), marks
 
 
 def test_tests_readme_gives_every_module_a_budget():

@@ -41,14 +41,17 @@ def test_model_actor_killed_mid_extraction(tmp_path, ray_local):
         deadline = time.time() + 180
         while time.time() < deadline:
             if units.exists() and any(units.glob("*.json")):  # the actor has done real work: kill it now
-                for p in psutil.process_iter(["pid", "cmdline"]):
-                    if "FeatureExtractor" in " ".join(p.info["cmdline"] or []):
-                        try:
-                            os.kill(p.info["pid"], signal.SIGKILL)
-                            killed.append(p.info["pid"])
-                        except ProcessLookupError:
-                            missed.append("the actor exited before the kill")
-                        return
+                # among this process's own: the session's Ray started here (another Ray on the machine, such as
+                # another pytest worker's, is not this test's to kill)
+                for p in psutil.Process().children(recursive=True):
+                    try:
+                        if "FeatureExtractor" in " ".join(p.cmdline()):
+                            os.kill(p.pid, signal.SIGKILL)
+                            killed.append(p.pid)
+                            return
+                    except (psutil.NoSuchProcess, ProcessLookupError):
+                        continue  # gone meanwhile: a finished task's worker, or the actor itself (then missed)
+                missed.append("no model actor among this process's children after the first unit")
             time.sleep(0.1)
 
     t = threading.Thread(target=killer, daemon=True)

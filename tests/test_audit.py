@@ -52,6 +52,7 @@ def noisy_study(tmp_path_factory, ray_local):
     return cfg, set(flipped_ids)
 
 
+@pytest.mark.slow  # over ~20 s on 2 cores (tests/README.md: the rule, and the workers' order)
 def test_audit_ranks_flipped_labels_far_above_chance(noisy_study):
     cfg, flipped = noisy_study
     out = run_audit(cfg, folds=5, rerun=True)
@@ -74,6 +75,7 @@ def test_audit_ranks_flipped_labels_far_above_chance(noisy_study):
     assert np.allclose(correct, correct.round()) and (correct >= 1).all(), ba
 
 
+@pytest.mark.slow  # over ~20 s on 2 cores (tests/README.md: the rule, and the workers' order)
 def test_curve_rises_within_error_bars_and_reaches_the_report(noisy_study):
     cfg, _ = noisy_study
     s = run_curve(cfg.model_copy(update={"curve": cfg.curve.model_copy(update={"fractions": [0.1, 0.3, 1.0],

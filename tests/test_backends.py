@@ -55,6 +55,7 @@ print(json.dumps({"backend": keras.backend.backend(), "tensorflow": sys.modules.
 """
 
 
+@pytest.mark.slow  # over ~20 s on 2 cores (tests/README.md: the rule, and the workers' order)
 @pytest.mark.integration  # a subprocess
 def test_jax_backend_equals_tensorflow_for_every_tap_without_tensorflow(tmp_path):
     import h5py

@@ -131,6 +131,7 @@ def test_saved_pipelines_reload_safely(digits_study):
         load_pipeline(study, "digits", "pixels", "svm")
 
 
+@pytest.mark.slow  # over ~20 s on 2 cores (tests/README.md: the rule, and the workers' order)
 def test_distributed_xgboost_matches_single_node(tmp_path, ray_local):
     study = tmp_path / "s"
     write_digits(study, n=400)

@@ -7,6 +7,7 @@ scaling back to zero. (Its own cluster: this is what the module proves.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -18,7 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 from flaky_s3 import FlakyS3
-from helpers import ROOT, assert_whole_units
+from helpers import ROOT, assert_whole_units, ray_default_ports
 
 from lifelog_ray import storage
 from lifelog_ray.local_cluster import LocalCluster
@@ -42,6 +43,28 @@ def no_idle_session_ray():
     import ray
 
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """The chain's local Ray in this process (the bad day's predict, the single-node run), started on first use and
+    shut down with the module. It holds Ray's default ports while it lives (helpers.ray_default_ports): the README
+    recipe may run beside this module."""
+    import ray
+
+    from lifelog_ray.config import RayConfig
+    from lifelog_ray.runtime import ensure_ray
+
+    held = contextlib.ExitStack()
+
+    def start() -> None:
+        if not ray.is_initialized():
+            held.enter_context(ray_default_ports())
+            ensure_ray(RayConfig(address="local", num_cpus=2, progress_bars=False, log_to_driver=False))
+
+    yield start
+    ray.shutdown()
+    held.close()
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +265,8 @@ def markers(fs, study: str) -> int:
 # at-fork warning, meant for a fork that goes on running Python beside JAX's threads. The suite's session Ray
 # started before any of that, so it never warned; a process that initialises no JAX before its Ray never does.
 @pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
-def test_a_bad_day_a_gpu_node_lost_mid_extract_behind_a_flaky_object_store(cluster, s3, long_lifelog, tmp_path, capsys):
+def test_a_bad_day_a_gpu_node_lost_mid_extract_behind_a_flaky_object_store(cluster, s3, long_lifelog, tmp_path, capsys,
+                                                                           local_ray):
     """Both at once, as a bad day on a cloud brings them: a share of S3 requests answered 503 SlowDown or dropped
     (before moto sees them, or after it applied them), and a GPU worker node lost mid-extract (its processes
     killed). The run completes with every image exactly once, the autoscaler replaces the node, a retried
@@ -284,11 +308,8 @@ def test_a_bad_day_a_gpu_node_lost_mid_extract_behind_a_flaky_object_store(clust
         # cluster's GPU nodes is the recipe's, above)
         recipe = cloud_config(tmp_path, flaky, "cluster/study")
         from lifelog_ray import cli
-        from lifelog_ray.config import RayConfig
-        from lifelog_ray.runtime import ensure_ray
 
-        # a local Ray in this process, started now (after the cluster's extract) and kept for the chain's last step
-        ensure_ray(RayConfig(address="local", num_cpus=2, progress_bars=False, log_to_driver=False))
+        local_ray()  # a local Ray in this process, started now (after the cluster's extract), kept for the last step
 
         capsys.readouterr()
         code = cli.main(["predict", "--config", str(recipe), "--name", "flaky", "--ray-address", "local"])
@@ -342,7 +363,7 @@ def test_a_bad_day_a_gpu_node_lost_mid_extract_behind_a_flaky_object_store(clust
 
 
 def test_the_recipes_study_equals_a_single_node_run_resumes_from_the_bucket_and_the_workers_go(
-        cluster, s3, lifelog, recipe_dir, tmp_path):
+        cluster, s3, lifelog, recipe_dir, tmp_path, local_ray):
     """The chain's last step, on the recipe's study in the bucket: its features equal a single-node run's bit for
     bit (the same config on a local Ray in this process, images read from the same bucket), the study resumes from
     its own markers (from this machine, nothing is extracted or fitted again), and every idle worker goes, back
@@ -357,6 +378,7 @@ def test_the_recipes_study_equals_a_single_node_run_resumes_from_the_bucket_and_
     from lifelog_ray.ingest import build_manifest
 
     local = load_config(config, {"output.study": str(tmp_path / "single"), "ray.address": "local"})
+    local_ray()  # the bad day's (this starts one when the step runs alone)
     build_manifest(local)
     run_extract(local)
     for layer in ("flatten", "fc1", "fc2", "predictions"):

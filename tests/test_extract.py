@@ -21,6 +21,7 @@ from lifelog_ray.images import DecodeError, decode_image
 from lifelog_ray.ingest import build_manifest
 
 
+@pytest.mark.slow  # over ~20 s on 2 cores (tests/README.md: the rule, and the workers' order)
 def test_features_equal_keras_predict_for_every_tap(tmp_path, ray_local):
     """Both weight formats a user may hold: Keras 3 `.weights.h5` and the official legacy HDF5 layout."""
     import keras
@@ -99,6 +100,7 @@ def test_decode_handles_modes_and_orientation():
     assert e.value.reason in ("not_an_image", "truncated", "unreadable")
 
 
+@pytest.mark.slow  # over ~20 s on 2 cores (tests/README.md: the rule, and the workers' order)
 def test_bad_images_become_rejects_and_accounting_holds(tmp_path, ray_local):
     root, rows = make_study(tmp_path, n_per_class=3)
     corpus = bad_corpus(root)
@@ -129,6 +131,7 @@ def test_bad_images_become_rejects_and_accounting_holds(tmp_path, ray_local):
     assert sorted(ext["detail"].str.split(":").str[0].value_counts().items()) == [("vgg16", 4), ("vgg19", 4)], ext
 
 
+@pytest.mark.slow  # over ~20 s on 2 cores (tests/README.md: the rule, and the workers' order)
 def test_resume_growth_and_readers_without_ray(tmp_path, ray_local):
     root, rows = make_study(tmp_path, n_per_class=6)
     c = extract_config(tmp_path, root, layers="fc2,predictions")

@@ -90,6 +90,7 @@ def test_defaults_stay_on_the_papers_protocol_and_the_report_shows_the_gap(both)
     assert "Test days as timelines (day protocol)" in html and html.count("alt='timeline ") >= 1
 
 
+@pytest.mark.slow  # over ~20 s on 2 cores (tests/README.md: the rule, and the workers' order)
 def test_finetune_trains_and_tests_on_the_day_split(both):
     from lifelog_ray.finetune import run_finetune
 
@@ -132,6 +133,7 @@ def flickering_lifelog(root, days: int = 6, run: int = 10, jitter: float = 70.0,
     pd.DataFrame(rows, columns=["image_path", "label"]).to_csv(root / "labels.csv", index=False)
 
 
+@pytest.mark.slow  # over ~20 s on 2 cores (tests/README.md: the rule, and the workers' order)
 def test_smoothing_chosen_on_validation_raises_day_protocol_macro_f1(tmp_path, ray_local):
     root = tmp_path / "lifelog"
     flickering_lifelog(root)

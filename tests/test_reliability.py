@@ -25,6 +25,7 @@ def _check_exactly_once(study: Path, layers=LAYERS) -> None:
         assert a["manifest"] == a["features"] + a["rejects"], f"{layer}: an image lost"
 
 
+@pytest.mark.slow  # over ~20 s on 2 cores (tests/README.md: the rule, and the workers' order)
 def test_model_actor_killed_mid_extraction(tmp_path, ray_local):
     import psutil
     import ray

@@ -78,6 +78,7 @@ def test_report_renders_in_headless_chromium(study, tmp_path):
     assert re.search(rf'<span id="ev-new-days-n">{sum(a == activity for a, _ in rows)}</span>', dom)
 
 
+@pytest.mark.slow  # over ~20 s on 2 cores (tests/README.md: the rule, and the workers' order)
 def test_predict_labels_a_new_day_partitioned_by_day(study, tmp_path):
     cfg, _ = study
     from lifelog_ray.sample import write_sample

@@ -19,6 +19,7 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the xdist_group marks set here
 def pytest_collection_modifyitems(config, items):
     """Tiers: a test that needs the shared Ray, the S3 server or the session's whole-study run is `integration`
     (left out of `make test-fast`); tests that start their own Ray cluster (`cluster`) run after all the
@@ -45,6 +46,15 @@ def pytest_collection_modifyitems(config, items):
     # once in a run without xdist too) and in their written order (the sort is stable)
     items.sort(key=lambda item: (item.get_closest_marker("cluster") is not None, -weight[item.stash[GROUP]],
                                  first[item.stash[GROUP]]))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    """A run whose groups would not hold is refused: on pytest 9.2 xdist's loadgroup stops grouping without a word
+    (pytest-xdist#1386), and each worker would then make the session's whole-study run and split the modules."""
+    if node.config.getoption("dist") == "loadgroup" and ids and not any("@" in i for i in ids):
+        pytest.exit(f"pytest-xdist's --dist loadgroup does not group tests on pytest {pytest.__version__} "
+                    "(pytest-xdist#1386); install the pytest that pyproject.toml pins (make venv)", returncode=4)
 
 
 @pytest.fixture(scope="session")

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,20 +21,6 @@ def write_image(path: Path, color: tuple[int, int, int] = (120, 60, 30), size: t
     arr = np.clip(np.array(color)[None, None, :] + rng.normal(0, 10, (size[1], size[0], 3)), 0, 255)
     Image.fromarray(arr.astype(np.uint8)).save(path)
     return path
-
-
-@contextlib.contextmanager
-def ray_default_ports() -> Iterator[None]:
-    """Held while this test needs Ray's fixed default ports: a local Ray's dashboard agent always listens on
-    52365, and the README recipe's head takes 6379, 8265, 10001 and 52365. `make test` runs the cluster tail on
-    two pytest workers (the autoscaling cluster's ports are all free ones), so the README recipe's head and the
-    cluster chain's local Ray take turns here. A lock file of the machine: another checkout's suite waits too."""
-    with open("/tmp/lifelog-ray-tests-default-ports.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 SIZE = 32  # the smallest input VGG accepts: keeps the tests fast on 2 cores

@@ -7,7 +7,6 @@ scaling back to zero. (Its own cluster: this is what the module proves.)"""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import subprocess
@@ -19,7 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 from flaky_s3 import FlakyS3
-from helpers import ROOT, assert_whole_units, ray_default_ports
+from helpers import ROOT, assert_whole_units
 
 from lifelog_ray import storage
 from lifelog_ray.local_cluster import LocalCluster
@@ -48,23 +47,18 @@ def no_idle_session_ray():
 @pytest.fixture(scope="module")
 def local_ray():
     """The chain's local Ray in this process (the bad day's predict, the single-node run), started on first use and
-    shut down with the module. It holds Ray's default ports while it lives (helpers.ray_default_ports): the README
-    recipe may run beside this module."""
+    shut down with the module."""
     import ray
 
     from lifelog_ray.config import RayConfig
     from lifelog_ray.runtime import ensure_ray
 
-    held = contextlib.ExitStack()
-
     def start() -> None:
         if not ray.is_initialized():
-            held.enter_context(ray_default_ports())
             ensure_ray(RayConfig(address="local", num_cpus=2, progress_bars=False, log_to_driver=False))
 
     yield start
     ray.shutdown()
-    held.close()
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import ray_default_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -80,10 +78,6 @@ def test_readme_cluster_recipe_runs_as_written(tmp_path):
     assert made.returncode == 0, made.stderr[-2000:]
     token, start, submit, stop = readme_cluster_recipe()
     assert stop == ".venv/bin/ray stop"
-    # the README's head takes Ray's default ports: make test runs this beside the cluster chain, whose local Ray
-    # would take 52365 too (helpers.ray_default_ports)
-    ports = contextlib.ExitStack()
-    ports.enter_context(ray_default_ports())
     try:
         made_token = sh(token, 120)
         assert made_token.returncode == 0 and made_token.stdout == "", made_token.stderr[-2000:]
@@ -110,7 +104,6 @@ def test_readme_cluster_recipe_runs_as_written(tmp_path):
         assert "auth_token" in err[0] and secret not in joined.stdout + joined.stderr
     finally:
         stop_ray_under(ray_tmp, f"{node_ip()}:6379")  # the client server names only the GCS address
-        ports.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
     for stage in ("manifest", "extract", "classify", "finetune", "predict", "report"):  # the job log reads like the CLI
         assert f"[{stage}] done" in out, out[-4000:]

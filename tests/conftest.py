@@ -39,7 +39,8 @@ def pytest_collection_modifyitems(config, items):
     weight: dict[str, float] = {}
     first: dict[str, int] = {}
     for i, item in enumerate(items):
-        first.setdefault(item.stash[GROUP], i)  # a rough cost: a slow test ~30 s, an integration one ~5 s, a unit test ~0.5 s
+        first.setdefault(item.stash[GROUP], i)
+        # a rough cost: a slow test ~30 s, an integration one ~5 s, a unit test ~0.5 s
         cost = 30 if item.get_closest_marker("slow") else 5 if item.get_closest_marker("integration") else 0.5
         weight[item.stash[GROUP]] = weight.get(item.stash[GROUP], 0) + cost
     # the cluster tail last, then the heaviest groups first; a group's tests together (a module fixture is made
@@ -59,8 +60,8 @@ def pytest_xdist_node_collection_finished(node, ids):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the whole test session (2 CPUs, like this machine), started the way the CLI starts
-    it, so the workers' environment is the one users get."""
+    """One local Ray for the test session (2 CPUs, like this machine; under xdist, one per worker that needs it),
+    started the way the CLI starts it, so the workers' environment is the one users get."""
     import ray
 
     from lifelog_ray.config import RayConfig

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-from lifelog_ray.local_cluster import descendants, kill_tree  # noqa: E402
+from lifelog_ray.local_cluster import kill_one_below, kill_tree  # noqa: E402
 
 LAYERS = ["fc2", "predictions"]
 
@@ -96,19 +96,6 @@ def holds_lease(study: Path, pid: int) -> bool:
         return json.loads((study / "_leases" / "extract-vgg19.json").read_text()).get("pid") == pid
     except (OSError, ValueError):
         return False
-
-
-def kill_actor(driver: int) -> bool:
-    """SIGKILL one model actor of the run ``driver`` started (its local Ray's processes are below it): Ray titles
-    it "ray::MapWorker(MapBatches(FeatureExtractor))..." (Linux /proc). Another Ray on the machine is left alone."""
-    for pid in sorted(descendants({driver})):
-        try:
-            if b"FeatureExtractor" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(pid, signal.SIGKILL)
-                return True
-        except (OSError, ProcessLookupError):
-            continue
-    return False
 
 
 def final_check(study: Path) -> list[str]:
@@ -204,7 +191,7 @@ def soak(args: argparse.Namespace) -> dict:
                                 os.kill(waiter.pid, signal.SIGSTOP)
                             kill_tree(proc.pid)  # the driver and its local Ray at once, as a machine goes away
                             killed = True
-                        elif kill_actor(proc.pid):
+                        elif kill_one_below(proc.pid, "FeatureExtractor"):  # one model actor of this run's Ray
                             stats["kills"]["actor"] += 1
                             kills_left -= 1
                         plan = None

@@ -87,6 +87,19 @@ def descendants(roots: set[int], table: dict[int, tuple[int, str]] | None = None
     return found
 
 
+def kill_one_below(root: int, title: str) -> int | None:
+    """SIGKILL one process below ``root`` whose command line holds ``title`` (Ray titles an actor's process by its
+    class, e.g. "ray::MapWorker(MapBatches(FeatureExtractor))"): its pid, or None when none is alive. Only
+    ``root``'s own: another Ray on the machine (another test worker's, another user's) is never touched."""
+    table = _processes()
+    for pid in sorted(descendants({root}, table) - {root}):
+        if title in table[pid][1]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                return pid
+    return None
+
+
 def stop_ray_under(root: Path | str, gcs_address: str | None = None) -> int:
     """Stop the Ray processes started with ``RAY_TMPDIR=root`` (they name it in their command lines) or
     for the GCS at ``gcs_address``, and their children; nothing else. Not `ray stop`, which ends every Ray
@@ -440,5 +453,5 @@ def _env_has(pid: int, node_id: str) -> bool:
         return False
 
 
-__all__ = ["LocalCluster", "NodeTypeSpec", "node_types_of", "free_port", "kill_processes", "descendants",
+__all__ = ["LocalCluster", "NodeTypeSpec", "node_types_of", "free_port", "kill_processes", "descendants", "kill_one_below",
            "stop_ray_under"]

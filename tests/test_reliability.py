@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from helpers import LAYERS, extract_config, make_study
 from lifelog_ray import storage
 from lifelog_ray.extract import accounting, read_features, run_extract
 from lifelog_ray.ingest import build_manifest
+from lifelog_ray.local_cluster import kill_one_below
 
 
 def _check_exactly_once(study: Path, layers=LAYERS) -> None:
@@ -27,7 +27,6 @@ def _check_exactly_once(study: Path, layers=LAYERS) -> None:
 
 @pytest.mark.slow  # over ~20 s on 2 cores (tests/README.md: the rule, and the workers' order)
 def test_model_actor_killed_mid_extraction(tmp_path, ray_local):
-    import psutil
     import ray
 
     root, _ = make_study(tmp_path, n_per_class=30)
@@ -36,30 +35,22 @@ def test_model_actor_killed_mid_extraction(tmp_path, ray_local):
     build_manifest(c)
     units = tmp_path / "study" / "features" / "vgg19" / "_units"
     killed: list[int] = []
-    missed: list[str] = []
 
-    def killer():  # Ray titles actor processes "ray::MapWorker(MapBatches(FeatureExtractor))..."
+    def killer():  # a model actor of the session's Ray, started in this process (another worker's is not ours)
         deadline = time.time() + 180
         while time.time() < deadline:
             if units.exists() and any(units.glob("*.json")):  # the actor has done real work: kill it now
-                # among this process's own: the session's Ray started here (another Ray on the machine, such as
-                # another pytest worker's, is not this test's to kill)
-                for p in psutil.Process().children(recursive=True):
-                    try:
-                        if "FeatureExtractor" in " ".join(p.cmdline()):
-                            os.kill(p.pid, signal.SIGKILL)
-                            killed.append(p.pid)
-                            return
-                    except (psutil.NoSuchProcess, ProcessLookupError):
-                        continue  # gone meanwhile: a finished task's worker, or the actor itself (then missed)
-                missed.append("no model actor among this process's children after the first unit")
+                pid = kill_one_below(os.getpid(), "FeatureExtractor")
+                if pid:
+                    killed.append(pid)
+                    return
             time.sleep(0.1)
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     (summary,) = run_extract(c)
     t.join()
-    assert killed, missed or "no model actor was alive after the first unit"
+    assert killed, "no model actor was alive after the first unit"
     assert len(list(units.glob("*.json"))) == 12  # 90 images in units of 8 per day
     assert summary.processed == 90
     _check_exactly_once(tmp_path / "study")
@@ -101,3 +92,27 @@ def test_huge_but_legal_image_is_processed(tmp_path, ray_local):
     assert s.rejected == 0 and s.processed == 10
     ids = read_features(tmp_path / "study", "vgg19", "predictions", ["image_id"]).column("image_id").to_pylist()
     assert "20160815_235959_000" in ids
+
+
+def test_a_harness_kills_only_below_the_process_it_names():
+    """The tests' and benchmarks' actor kill (`kill_one_below`): a process of the same title that is not below the
+    named root, such as another pytest worker's Ray, is left alone."""
+    import subprocess
+    import sys
+
+    from lifelog_ray.local_cluster import kill_one_below
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)", "FakeExtractorTitle"]
+    other = subprocess.Popen(sleeper)  # the same title, beside the root rather than below it
+    root = subprocess.Popen(["bash", "-c", " ".join(sleeper[:2] + [repr(sleeper[2]), sleeper[3]]) + " & wait $!"])
+    try:
+        deadline = time.time() + 30
+        while (pid := kill_one_below(root.pid, "FakeExtractorTitle")) is None and time.time() < deadline:
+            time.sleep(0.05)  # until bash has started its child
+        assert pid is not None and pid not in (root.pid, other.pid)
+        assert root.wait(timeout=30) == 128 + 9  # its child was SIGKILLed (bash: `wait $!` gives 137)
+        assert other.poll() is None  # the one beside it runs on
+        assert kill_one_below(root.pid, "FakeExtractorTitle") is None  # nothing of that title is left below it
+    finally:
+        other.kill()
+        root.kill()
